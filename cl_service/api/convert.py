@@ -1,0 +1,123 @@
+"""Protobuf <-> core conversions (nothing else happens here)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cl_service.app import SampleView, StatusView
+from cl_service.errors import ServiceError
+from cl_service.ingest.service import IngestItem, IngestOutcome, IngestStatus
+from cl_service.v1 import inspection_pb2 as pb
+from replay_store.models import Label, LabelSource, as_utc
+
+_STATUS = {
+    IngestStatus.STORED: pb.INGEST_STATUS_STORED,
+    IngestStatus.ALREADY_STORED: pb.INGEST_STATUS_ALREADY_STORED,
+    IngestStatus.REJECTED: pb.INGEST_STATUS_REJECTED,
+}
+_SOURCE = {
+    LabelSource.OPERATOR: pb.LABEL_SOURCE_OPERATOR,
+    LabelSource.CAMERA: pb.LABEL_SOURCE_CAMERA,
+    LabelSource.PSEUDO: pb.LABEL_SOURCE_PSEUDO,
+}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(as_utc(value))
+    return stamp
+
+
+def error(exc: ServiceError) -> pb.Error:
+    return pb.Error(code=exc.code.value, reason=exc.reason, message=exc.message)
+
+
+def ingest_item(request: pb.IngestRequest) -> IngestItem:
+    captured = request.captured_at.ToDatetime(tzinfo=UTC) if request.HasField("captured_at") else None
+    return IngestItem(
+        request_id=request.request_id,
+        camera_id=request.camera_id,
+        image=request.image,
+        label=request.label,
+        captured_at=captured,
+        metadata=dict(request.metadata),
+    )
+
+
+def ingest_reply(sequence: int, request_id: str, outcome: IngestOutcome, extra_warnings: list[str]) -> pb.IngestReply:
+    reply = pb.IngestReply(
+        request_id=request_id,
+        sequence=sequence,
+        status=_STATUS[outcome.status],
+        sample_id=outcome.sample_id,
+        image_sha256=outcome.sha256,
+        warnings=[*extra_warnings, *outcome.warnings],
+    )
+    if outcome.error is not None:
+        reply.error.CopyFrom(error(outcome.error))
+    return reply
+
+
+def label(row: Label) -> pb.Label:
+    message = pb.Label(
+        label_id=row.id or 0,
+        class_name=row.class_name,
+        source=_SOURCE[LabelSource(row.source)],
+        confidence=row.confidence,
+        model_version=row.model_version or "",
+        author=row.author or "",
+        note=row.note or "",
+    )
+    message.created_at.CopyFrom(timestamp(row.created_at))
+    return message
+
+
+def sample(view: SampleView) -> pb.Sample:
+    row = view.sample
+    message = pb.Sample(
+        sample_id=row.id or 0,
+        camera_id=row.camera_id,
+        request_id=row.request_id,
+        image_sha256=row.sha256,
+        image_format=row.image_format,
+        width=row.width,
+        height=row.height,
+        byte_size=row.byte_size,
+        metadata=row.meta,
+        label_history=[label(item) for item in view.labels],
+        image=view.image or b"",
+    )
+    message.captured_at.CopyFrom(timestamp(row.captured_at))
+    message.received_at.CopyFrom(timestamp(row.received_at))
+    if view.effective_label is not None:
+        message.effective_label.CopyFrom(label(view.effective_label))
+    return message
+
+
+def status(view: StatusView) -> pb.ServiceStatus:
+    message = pb.ServiceStatus(
+        server_version=view.server_version,
+        samples_total=view.samples_total,
+        samples_unlabeled=view.samples_unlabeled,
+        blobs_total=view.blobs_total,
+        blob_bytes_total=view.blob_bytes_total,
+        active_streams=view.active_streams,
+        capabilities=list(view.capabilities),
+        store_backend=view.store_backend,
+        classes=[
+            pb.ClassCount(
+                class_name=name,
+                operator_labels=counts.get("operator", 0),
+                camera_labels=counts.get("camera", 0),
+                pseudo_labels=counts.get("pseudo", 0),
+            )
+            for name, counts in sorted(view.class_counts.items())
+        ],
+    )
+    message.started_at.CopyFrom(timestamp(view.started_at))
+    return message
+

@@ -1,0 +1,89 @@
+"""The gRPC server: start-up and shutdown in one place, in order.
+
+Start: open the core (store, committer) -> register the service, health and reflection -> listen ->
+health SERVING. Stop (SIGINT/SIGTERM): health NOT_SERVING -> stop accepting and give in-flight calls
+`shutdown_grace_s` -> close the core (queued writes are finished first) -> done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cl_service.api.servicer import SERVICE_NAME, InspectionServicer, generic_handler
+from cl_service.app import ServiceCore
+from cl_service.config import Settings
+from cl_service.v1 import inspection_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServer:
+    """A started server with what is needed to stop it."""
+
+    server: grpc.aio.Server
+    core: ServiceCore
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.core.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.core.close)
+        log.info("server stopped")
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Open the core and start serving on settings.bind; returns once the port is listening."""
+    core = await asyncio.to_thread(ServiceCore.open, settings)
+    limit = settings.transport_max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (inspection_pb2.DESCRIPTOR.services_by_name["InspectionService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.bind)
+    except RuntimeError as exc:
+        await asyncio.to_thread(core.close)
+        raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = settings.bind.rsplit(":", 1)[0]
+    log.info("cl-service listening on %s:%d (store: %s)", host, port, core.store.backend)
+    if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
+        log.warning("listening on %s without authentication or TLS: anyone who can reach it can use it", host)
+    return RunningServer(server, core, health_servicer, port)
+
+
+async def serve_forever(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    print(f"cl-service listening on {settings.bind.rsplit(':', 1)[0]}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", settings.shutdown_grace_s)
+    await running.stop()

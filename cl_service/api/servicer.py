@@ -1,0 +1,265 @@
+"""The InspectionService servicer: each RPC converts its request, calls the core, converts the reply.
+
+Handlers are registered with deserializers that never raise: a message that is not valid protobuf
+reaches the handler as `Malformed`, so that Ingest can answer it with its own error and read on,
+instead of gRPC ending the stream. Core errors become status codes in one place, `_unary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from cl_service.api import convert
+from cl_service.app import ServiceCore
+from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
+from cl_service.ingest.service import IngestOutcome
+from cl_service.v1 import inspection_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "cl_service.v1.InspectionService"
+REASON_METADATA_KEY = "cl-error-reason"
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes are not a valid message of the expected type."""
+
+    type_name: str
+    problem: str
+
+    def error(self) -> ServiceError:
+        return invalid("MESSAGE_MALFORMED", f"the request is not a valid {self.type_name}: {self.problem}")
+
+
+def safe_parser(message_type: type[M]) -> Callable[[bytes], M | Malformed]:
+    def parse(data: bytes) -> M | Malformed:
+        message = message_type()
+        try:
+            message.ParseFromString(data)
+        except DecodeError as exc:
+            return Malformed(message_type.DESCRIPTOR.full_name, str(exc))
+        return message
+
+    return parse
+
+
+def unknown_field_warnings(message: Message) -> list[str]:
+    numbers = sorted({field.field_number for field in UnknownFieldSet(message)})
+    if not numbers:
+        return []
+    return [f"unknown fields {numbers} were ignored (a newer client? this server speaks cl_service.v1)"]
+
+
+class _Budget:
+    """Image bytes held by all ingest streams together; a stream waits here before reading on."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self._limit)  # one message larger than the whole budget still gets through alone
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._used + size <= self._limit)
+            self._used += size
+        return size
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self._used -= size
+            self._changed.notify_all()
+
+
+class InspectionServicer:
+    """Implements cl_service.v1.InspectionService on a ServiceCore."""
+
+    def __init__(self, core: ServiceCore) -> None:
+        self.core = core
+        self._budget = _Budget(core.settings.ingest_max_in_flight_bytes)
+
+    # ------------------------------------------------------------------------------------- Ingest
+
+    async def Ingest(  # noqa: N802 - gRPC method name
+        self, requests: AsyncIterator[pb.IngestRequest | Malformed], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.IngestReply]:
+        window = asyncio.Semaphore(self.core.settings.stream_max_in_flight)
+        replies: asyncio.Queue[pb.IngestReply | BaseException | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_stream(requests, window, replies))
+        self.core.active_streams += 1
+        try:
+            while True:
+                reply = await replies.get()
+                if reply is None:
+                    break
+                if isinstance(reply, BaseException):
+                    raise reply
+                yield reply
+                window.release()
+        finally:
+            self.core.active_streams -= 1
+            if not reader.done():
+                reader.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.IngestRequest | Malformed],
+        window: asyncio.Semaphore,
+        replies: asyncio.Queue[pb.IngestReply | BaseException | None],
+    ) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        sequence = 0
+        ending: BaseException | None = None
+        try:
+            async for request in requests:
+                await window.acquire()
+                sequence += 1
+                task = asyncio.create_task(self._answer(sequence, request, replies))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the transport ended the stream; answer what was read
+            log.info("ingest stream ended by the transport: %s", exc)
+            ending = exc
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await replies.put(ending)
+
+    async def _answer(
+        self, sequence: int, request: pb.IngestRequest | Malformed, replies: asyncio.Queue[pb.IngestReply | BaseException | None]
+    ) -> None:
+        if isinstance(request, Malformed):
+            await replies.put(convert.ingest_reply(sequence, "", IngestOutcome.rejected(request.error()), []))
+            return
+        held = await self._budget.acquire(len(request.image))
+        try:
+            outcome = await self.core.ingest.ingest(convert.ingest_item(request))
+        finally:
+            await self._budget.release(held)
+        await replies.put(convert.ingest_reply(sequence, request.request_id, outcome, unknown_field_warnings(request)))
+
+    # ------------------------------------------------------------------------------------- unary RPCs
+
+    async def GetSample(self, request: pb.GetSampleRequest, context: Any) -> pb.Sample:  # noqa: N802
+        if request.sample_id <= 0:
+            raise invalid("SAMPLE_ID_INVALID", "sample_id must be a positive sample id")
+        view = await asyncio.to_thread(self.core.get_sample, request.sample_id, include_image=request.include_image)
+        return convert.sample(view)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.ServiceStatus:  # noqa: N802
+        return convert.status(await asyncio.to_thread(self.core.status))
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyReply:  # noqa: N802
+        raise not_implemented("Classify (inference engines)", "issue #4")
+
+    async def SubmitCorrection(self, request: Any, context: Any) -> pb.SubmitCorrectionReply:  # noqa: N802
+        raise not_implemented("SubmitCorrection (the operator loop)", "issue #5")
+
+    async def ListReviewQueue(self, request: Any, context: Any) -> pb.ListReviewQueueReply:  # noqa: N802
+        raise not_implemented("ListReviewQueue (the operator loop)", "issue #5")
+
+    async def AcknowledgeAlert(self, request: Any, context: Any) -> pb.Alert:  # noqa: N802
+        raise not_implemented("AcknowledgeAlert (unknown-defect alerts)", "issue #5")
+
+    async def TriggerUpdate(self, request: Any, context: Any) -> pb.UpdateRun:  # noqa: N802
+        raise not_implemented("TriggerUpdate (the learning loop)", "issues #3 and #5")
+
+    async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
+        raise not_implemented("ListModels (the model repository)", "issue #4")
+
+    async def ActivateModel(self, request: Any, context: Any) -> pb.ModelVersion:  # noqa: N802
+        raise not_implemented("ActivateModel (hot swap and rollback)", "issue #4")
+
+    async def WatchAlerts(self, request: Any, context: Any) -> AsyncIterator[pb.AlertEvent]:  # noqa: N802
+        raise not_implemented("WatchAlerts (unknown-defect alerts)", "issue #5")
+        yield  # pragma: no cover - makes this an async generator like the real one
+
+    async def WatchUpdate(self, request: Any, context: Any) -> AsyncIterator[pb.UpdateProgress]:  # noqa: N802
+        raise not_implemented("WatchUpdate (the learning loop)", "issues #3 and #5")
+        yield  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------- registration
+
+_UNARY = {
+    "Classify": pb.ClassifyRequest,
+    "SubmitCorrection": pb.SubmitCorrectionRequest,
+    "ListReviewQueue": pb.ListReviewQueueRequest,
+    "GetSample": pb.GetSampleRequest,
+    "AcknowledgeAlert": pb.AcknowledgeAlertRequest,
+    "TriggerUpdate": pb.TriggerUpdateRequest,
+    "ListModels": pb.ListModelsRequest,
+    "ActivateModel": pb.ActivateModelRequest,
+    "GetStatus": pb.GetStatusRequest,
+}
+_SERVER_STREAMING = {"WatchAlerts": pb.WatchAlertsRequest, "WatchUpdate": pb.WatchUpdateRequest}
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError) -> None:
+    context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+    await context.abort(grpc.StatusCode[exc.code.name], f"{exc.reason}: {exc.message}")
+
+
+def _unary(method: Callable[[Any, Any], Awaitable[Message]]) -> Callable[[Any, Any], Awaitable[Message]]:
+    async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        try:
+            if isinstance(request, Malformed):
+                raise request.error()
+            return await method(request, context)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001 - never leak a traceback to a client
+            log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
+            await _abort(context, ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}"))
+        raise AssertionError("unreachable: abort raises")
+
+    return handle
+
+
+def _server_streaming(method: Callable[[Any, Any], AsyncIterator[Message]]) -> Callable[[Any, Any], AsyncIterator[Message]]:
+    async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+        try:
+            if isinstance(request, Malformed):
+                raise request.error()
+            async for item in method(request, context):
+                yield item
+        except ServiceError as exc:
+            await _abort(context, exc)
+
+    return handle
+
+
+def generic_handler(servicer: InspectionServicer) -> grpc.GenericRpcHandler:
+    """The method handlers of InspectionService, with never-raising deserializers."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Ingest": grpc.stream_stream_rpc_method_handler(
+            servicer.Ingest,
+            request_deserializer=safe_parser(pb.IngestRequest),
+            response_serializer=pb.IngestReply.SerializeToString,
+        )
+    }
+    for name, request_type in _UNARY.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _unary(getattr(servicer, name)),
+            request_deserializer=safe_parser(request_type),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    for name, request_type in _SERVER_STREAMING.items():
+        handlers[name] = grpc.unary_stream_rpc_method_handler(
+            _server_streaming(getattr(servicer, name)),
+            request_deserializer=safe_parser(request_type),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

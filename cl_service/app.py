@@ -1,0 +1,97 @@
+"""The service core: the store, the group committer and the services, opened and closed in order.
+
+`ServiceCore.open` is the one place where start-up happens; `close` undoes it in reverse. The API
+layer (gRPC) and the CLI hold a core; the core knows nothing about them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from cl_service import __version__
+from cl_service.config import Settings
+from cl_service.errors import ErrorCode, ServiceError
+from cl_service.ingest.service import IngestService
+from replay_store.committer import GroupCommitter
+from replay_store.models import Label, Sample, utcnow
+from replay_store.store import Store
+
+log = logging.getLogger(__name__)
+
+# RPCs built so far; the others answer UNIMPLEMENTED (GetStatus lists these).
+CAPABILITIES = ("Ingest", "GetSample", "GetStatus")
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """A stored sample with its labels (newest first) and, on request, its bytes."""
+
+    sample: Sample
+    labels: list[Label]
+    effective_label: Label | None
+    image: bytes | None
+
+
+@dataclass(frozen=True)
+class StatusView:
+    server_version: str
+    started_at: datetime
+    samples_total: int
+    samples_unlabeled: int
+    blobs_total: int
+    blob_bytes_total: int
+    class_counts: dict[str, dict[str, int]]
+    active_streams: int
+    store_backend: str
+    capabilities: tuple[str, ...]
+
+
+class ServiceCore:
+    """Everything the API serves, without the API."""
+
+    def __init__(self, settings: Settings, store: Store, committer: GroupCommitter) -> None:
+        self.settings = settings
+        self.store = store
+        self.committer = committer
+        self.ingest = IngestService(settings, committer)
+        self.started_at = utcnow()
+        self.active_streams = 0
+
+    @classmethod
+    def open(cls, settings: Settings) -> ServiceCore:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store.open(settings.resolved_database_url, settings.blob_dir)
+        committer = GroupCommitter(store, max_batch=settings.commit_max_batch)
+        log.info("store open: %s, blobs in %s", store.backend, settings.blob_dir)
+        return cls(settings, store, committer)
+
+    def close(self) -> None:
+        """Finish queued writes, then release the store (reverse order of open)."""
+        self.ingest.close()
+        self.committer.close()
+        self.store.close()
+
+    def get_sample(self, sample_id: int, *, include_image: bool) -> SampleView:
+        sample = self.store.get_sample(sample_id)
+        if sample is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "SAMPLE_NOT_FOUND", f"there is no sample {sample_id}")
+        labels = self.store.labels_of(sample_id)
+        image = self.store.read_blob(sample.sha256) if include_image else None
+        return SampleView(sample, labels, self.store.effective_label(sample_id), image)
+
+    def status(self) -> StatusView:
+        counts = self.store.counts()
+        return StatusView(
+            server_version=__version__,
+            started_at=self.started_at,
+            samples_total=counts.samples,
+            samples_unlabeled=counts.unlabeled,
+            blobs_total=counts.blobs,
+            blob_bytes_total=counts.blob_bytes,
+            class_counts=self.store.label_counts(),
+            active_streams=self.active_streams,
+            store_backend=self.store.backend,
+            capabilities=CAPABILITIES,
+        )

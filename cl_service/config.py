@@ -1,0 +1,95 @@
+"""One Settings object, built once at start-up from (highest first) CLI flags, environment variables
+(`CL_SERVICE_*`), a TOML file, and the defaults below; then passed down. Nothing reads the environment
+anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from replay_store.naming import class_name_problem
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. See README "Configuration"."""
+
+    model_config = SettingsConfigDict(env_prefix="CL_SERVICE_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("cl-data"), description="Folder of the embedded store (SQLite file and blob segments).")
+    database_url: str = Field("", description="SQLAlchemy URL of the metadata store; empty: SQLite in data_dir.")
+    bind: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on (loopback by default).")
+    max_image_bytes: int = Field(16 * MIB, gt=0, description="Largest encoded image accepted, in bytes.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image accepted, in pixels (bomb guard).")
+    max_message_bytes: int = Field(
+        0, ge=0, description="gRPC transport limit per message; 0: twice max_image_bytes plus 1 MiB."
+    )
+    stream_max_in_flight: int = Field(64, ge=1, le=4096, description="Messages read ahead of replies per stream.")
+    ingest_max_in_flight_bytes: int = Field(
+        512 * MIB, gt=0, description="Image bytes held in memory by all ingest streams together."
+    )
+    commit_max_batch: int = Field(256, ge=1, description="Most images written per group commit.")
+    decode_threads: int = Field(0, ge=0, description="Threads that decode and hash images; 0: one per CPU.")
+    allowed_classes: list[str] = Field(
+        default_factory=list, description="If set, camera labels must be one of these class names."
+    )
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight calls get to finish at shutdown.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("allowed_classes")
+    @classmethod
+    def _class_names_follow_the_rule(cls, names: list[str]) -> list[str]:
+        for name in names:
+            problem = class_name_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return names
+
+    @model_validator(mode="after")
+    def _transport_fits_images(self) -> Settings:
+        if self.max_message_bytes and self.max_message_bytes <= self.max_image_bytes:
+            raise ValueError("max_message_bytes must exceed max_image_bytes, or oversized images end the stream")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'store.sqlite').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def transport_max_message_bytes(self) -> int:
+        return self.max_message_bytes or 2 * self.max_image_bytes + MIB
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML source reads model_config["toml_file"], which load_settings sets when given a file.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the Settings: `overrides` (CLI flags) > environment > `config_file` (TOML) > defaults."""
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+
+        class FromFile(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+
+        settings_cls = FromFile
+    return settings_cls(**{key: value for key, value in overrides.items() if value is not None})

@@ -1,0 +1,45 @@
+"""Errors of the core, independent of gRPC: the API layer maps `code` to a status code.
+
+`reason` is a stable UPPER_SNAKE_CASE token that clients can branch on; `message` is for people.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(Enum):
+    """The subset of google.rpc.Code that the core uses; values are the numeric codes."""
+
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    FAILED_PRECONDITION = 9
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class ServiceError(Exception):
+    """An error with a code, a machine-readable reason and a human-readable message."""
+
+    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ServiceError({self.code.name}, {self.reason}, {self.message!r})"
+
+
+def invalid(reason: str, message: str) -> ServiceError:
+    return ServiceError(ErrorCode.INVALID_ARGUMENT, reason, message)
+
+
+def not_implemented(capability: str, issue: str) -> ServiceError:
+    return ServiceError(
+        ErrorCode.UNIMPLEMENTED,
+        "NOT_IMPLEMENTED_YET",
+        f"{capability} is not built yet in this version of cl-service (planned: {issue})",
+    )

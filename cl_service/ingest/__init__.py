@@ -1,0 +1,1 @@
+"""Ingest: validate each camera image, store it durably, answer it."""

@@ -1,0 +1,96 @@
+"""Image validation: what the service accepts as a camera image, checked before anything is stored.
+
+The header is read first, so that the size and pixel caps are enforced before any pixel is decoded
+(decompression bombs never get decoded). The image is then decoded once to prove it is complete: a
+truncated or corrupt file is refused here, not discovered later by the trainer. JPEGs are decoded at
+reduced scale (libjpeg still reads every entropy-coded block, so truncation is still caught).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from cl_service.errors import ServiceError, invalid
+
+# Pillow format name -> the name the service stores.
+SUPPORTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What validation learned about an encoded image."""
+
+    image_format: str
+    width: int
+    height: int
+    mode: str
+    sha256: str
+    frames: int = 1
+
+
+def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Validate an encoded image and describe it; raise ServiceError(INVALID_ARGUMENT) when it is bad."""
+    if not data:
+        raise invalid("IMAGE_EMPTY", "the image field is empty; send the encoded image bytes")
+    if len(data) > max_bytes:
+        raise invalid("IMAGE_TOO_LARGE", f"the image has {len(data):,} bytes; this server accepts at most {max_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))
+    except UnidentifiedImageError:
+        raise _unsupported_or_undecodable(data) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise invalid("IMAGE_TOO_MANY_PIXELS", f"the image declares too many pixels: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
+        raise invalid("IMAGE_UNDECODABLE", f"the image header cannot be read: {exc}") from None
+    with image:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise invalid("IMAGE_EMPTY", f"the image is {width}x{height} pixels; it must have at least one")
+        if width * height > max_pixels:
+            raise invalid(
+                "IMAGE_TOO_MANY_PIXELS",
+                f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are accepted",
+            )
+        image_format = SUPPORTED_FORMATS[image.format or ""]
+        frames = int(getattr(image, "n_frames", 1))
+        mode = image.mode
+        _decode_fully(image, width, height)
+    return ImageInfo(image_format, width, height, mode, hashlib.sha256(data).hexdigest(), frames)
+
+
+def _decode_fully(image: Image.Image, width: int, height: int) -> None:
+    if image.format == "JPEG":
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+    except OSError as exc:
+        text = str(exc)
+        reason = "IMAGE_TRUNCATED" if "truncated" in text or "broken data stream" in text else "IMAGE_UNDECODABLE"
+        raise invalid(reason, f"the image cannot be decoded completely: {text}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
+        raise invalid("IMAGE_UNDECODABLE", f"the image cannot be decoded: {exc}") from None
+
+
+def _unsupported_or_undecodable(data: bytes) -> ServiceError:
+    """Tell a known-but-unsupported format (GIF, ...) from bytes that are no image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            found = other.format or "unknown"
+    except Exception:  # noqa: BLE001 - not an image at all
+        return invalid(
+            "IMAGE_UNDECODABLE",
+            "the bytes are not an image in a supported format (PNG, JPEG, BMP, TIFF, WebP)",
+        )
+    return invalid(
+        "IMAGE_FORMAT_UNSUPPORTED",
+        f"{found} images are not accepted; send PNG, JPEG, BMP, TIFF or WebP",
+    )

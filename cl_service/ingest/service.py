@@ -1,0 +1,166 @@
+"""The ingest path of one image: check the request, validate the image, store it durably, answer.
+
+No gRPC here: the API layer turns protobuf messages into `IngestItem`s and `IngestOutcome`s back into
+replies. Image decoding and hashing run on a thread pool (Pillow and hashlib release the GIL); the
+durable write goes through the store's group committer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from cl_service.config import Settings
+from cl_service.errors import ErrorCode, ServiceError, invalid
+from cl_service.ingest.images import ImageInfo, inspect_image
+from replay_store.committer import CommitterClosedError, GroupCommitter
+from replay_store.naming import class_name_problem, identifier_problem
+from replay_store.store import NewSample
+
+log = logging.getLogger(__name__)
+
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 1024
+
+
+class IngestStatus(Enum):
+    STORED = "stored"
+    ALREADY_STORED = "already_stored"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One camera image as the core sees it."""
+
+    request_id: str
+    camera_id: str
+    image: bytes
+    label: str = ""
+    captured_at: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What happened to one IngestItem."""
+
+    status: IngestStatus
+    sample_id: int = 0
+    sha256: str = ""
+    error: ServiceError | None = None
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def rejected(cls, error: ServiceError) -> IngestOutcome:
+        return cls(IngestStatus.REJECTED, error=error)
+
+
+class IngestService:
+    """Validates and stores camera images; safe to call from many streams at once."""
+
+    def __init__(self, settings: Settings, committer: GroupCommitter) -> None:
+        self._settings = settings
+        self._committer = committer
+        threads = settings.decode_threads or max(2, os.cpu_count() or 2)
+        self._decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._allowed = frozenset(settings.allowed_classes)
+        self.accepted = 0
+        self.rejected = 0
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True)
+
+    def check_request(self, item: IngestItem) -> None:
+        """Cheap checks of the fields other than the image; raise ServiceError(INVALID_ARGUMENT)."""
+        for kind, value, reason in (
+            ("camera_id", item.camera_id, "CAMERA_ID_INVALID"),
+            ("request_id", item.request_id, "REQUEST_ID_INVALID"),
+        ):
+            problem = identifier_problem(kind, value)
+            if problem:
+                raise invalid("CAMERA_ID_MISSING" if kind == "camera_id" and not value else reason, problem)
+        if item.label:
+            problem = class_name_problem(item.label)
+            if problem:
+                raise invalid("LABEL_INVALID", problem)
+            if self._allowed and item.label not in self._allowed:
+                raise invalid(
+                    "LABEL_NOT_ALLOWED",
+                    f"the class {item.label!r} is not allowed on this server; allowed: {', '.join(sorted(self._allowed))}",
+                )
+        _check_metadata(item.metadata)
+
+    async def ingest(self, item: IngestItem) -> IngestOutcome:
+        """Validate and durably store one image. Never raises for bad input: it is a REJECTED outcome."""
+        try:
+            self.check_request(item)
+            info = await asyncio.get_running_loop().run_in_executor(self._decoder, self._inspect, item.image)
+            stored = await asyncio.wrap_future(self._committer.submit(_new_sample(item, info)))
+        except ServiceError as error:
+            self.rejected += 1
+            return IngestOutcome.rejected(error)
+        except CommitterClosedError as exc:
+            return IngestOutcome.rejected(ServiceError(ErrorCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN", str(exc)))
+        except OSError as exc:
+            log.error("storing an image failed: %s", exc)
+            return IngestOutcome.rejected(_storage_error(exc))
+        except Exception as exc:  # noqa: BLE001 - a store failure is reported per image, the stream goes on
+            log.exception("storing an image failed")
+            return IngestOutcome.rejected(
+                ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")
+            )
+        self.accepted += 1
+        notes: list[str] = []
+        if info.frames > 1:
+            notes.append(f"the image has {info.frames} frames; only the first is used")
+        if stored.conflict:
+            notes.append(
+                "this request_id was stored before with different image bytes; the original sample was kept"
+            )
+        status = IngestStatus.STORED if stored.created else IngestStatus.ALREADY_STORED
+        return IngestOutcome(status, stored.sample_id, stored.sha256, warnings=tuple(notes))
+
+    def _inspect(self, data: bytes) -> ImageInfo:
+        return inspect_image(data, max_bytes=self._settings.max_image_bytes, max_pixels=self._settings.max_image_pixels)
+
+
+def _new_sample(item: IngestItem, info: ImageInfo) -> NewSample:
+    return NewSample(
+        camera_id=item.camera_id,
+        request_id=item.request_id,
+        sha256=info.sha256,
+        image_format=info.image_format,
+        width=info.width,
+        height=info.height,
+        data=item.image,
+        captured_at=item.captured_at,
+        metadata=dict(item.metadata),
+        label=item.label or None,
+    )
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise invalid("METADATA_INVALID", f"{len(metadata)} metadata entries; at most {MAX_METADATA_ENTRIES}")
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY:
+            raise invalid("METADATA_INVALID", f"metadata keys must have 1 to {MAX_METADATA_KEY} characters")
+        if len(value) > MAX_METADATA_VALUE:
+            raise invalid("METADATA_INVALID", f"metadata value of {key!r} is over {MAX_METADATA_VALUE} characters")
+        if "\x00" in key or "\x00" in value:
+            raise invalid("METADATA_INVALID", f"metadata entry {key[:64]!r} holds a NUL character")
+
+
+def _storage_error(exc: OSError) -> ServiceError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ServiceError(ErrorCode.RESOURCE_EXHAUSTED, "STORE_FULL", "the store's disk is full; the image was not stored")
+    return ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/cl_service/v1 (regenerate with `make proto`)."""

@@ -1,0 +1,307 @@
+"""The store: one database (SQLite by default, any SQLAlchemy URL) plus the blob folder.
+
+`add_samples` is the durable write path of ingest: blobs first (fsynced), then one transaction for
+the whole batch. A row therefore never points at a missing blob, and a reply sent after it returns
+can be trusted to survive a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, case, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from replay_store.blobs import BlobCorruptError, BlobLocation, BlobStore
+from replay_store.db import create_store_engine, current_revision, head_revision, migrate
+from replay_store.models import PRECEDENCE, Blob, ClassInfo, Label, LabelSource, Sample, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewSample:
+    """A validated image ready to be stored (the caller checked it and hashed the bytes)."""
+
+    camera_id: str
+    request_id: str
+    sha256: str
+    image_format: str
+    width: int
+    height: int
+    data: bytes
+    captured_at: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """Where a NewSample ended up. `created` is False when (camera, request id) was stored before;
+    `conflict` is True when that earlier sample has different bytes (a client reusing a request id)."""
+
+    sample_id: int
+    sha256: str
+    created: bool
+    conflict: bool = False
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    samples: int
+    unlabeled: int
+    blobs: int
+    blob_bytes: int
+
+
+class Store:
+    """Opens (and migrates) the database and the blob folder; writes ingest batches durably."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+        self.engine = engine
+        self.blobs = blobs
+
+    @classmethod
+    def open(cls, database_url: str, blob_root: Path, *, migrate_schema: bool = True) -> Store:
+        """Open a store; migrate its schema to the newest revision unless told not to."""
+        engine = create_store_engine(database_url)
+        if migrate_schema:
+            migrate(engine)
+        elif current_revision(engine) != head_revision(engine):
+            raise RuntimeError(
+                f"the store's schema is at {current_revision(engine)!r}, this version needs "
+                f"{head_revision(engine)!r}: run `cl-service migrate`"
+            )
+        return cls(engine, BlobStore(blob_root))
+
+    @property
+    def backend(self) -> str:
+        return self.engine.url.get_backend_name()
+
+    def close(self) -> None:
+        self.blobs.close()
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def ping(self) -> None:
+        """Raise when the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    # ---------------------------------------------------------------------------------------- ingest
+
+    def add_samples(self, batch: Sequence[NewSample]) -> list[StoredSample]:
+        """Store a batch durably in one transaction; return one StoredSample per item, in order.
+
+        Idempotent: an item whose (camera_id, request_id) is already stored, or appears earlier in the
+        batch, is answered with the original sample and stores nothing.
+        """
+        try:
+            return self._add_samples(batch)
+        except IntegrityError:
+            # Another process stored one of these keys between our lookup and our insert: retry one
+            # by one so that each item gets the winner's sample id.
+            log.info("ingest batch raced with another writer; retrying item by item")
+            return [self._add_samples([item])[0] for item in batch]
+
+    def _add_samples(self, batch: Sequence[NewSample]) -> list[StoredSample]:
+        existing = self._existing_keys(batch)
+        results: list[StoredSample | None] = [None] * len(batch)
+        first_in_batch: dict[tuple[str, str], int] = {}
+        new_items: list[tuple[int, NewSample]] = []
+        for position, item in enumerate(batch):
+            key = (item.camera_id, item.request_id)
+            if key in existing:
+                sample_id, sha = existing[key]
+                results[position] = StoredSample(sample_id, sha, created=False, conflict=sha != item.sha256)
+            elif key in first_in_batch:
+                continue  # answered below, once the first one has its id
+            else:
+                first_in_batch[key] = position
+                new_items.append((position, item))
+        if new_items:
+            ids = self._insert_new([item for _, item in new_items])
+            for (position, item), sample_id in zip(new_items, ids, strict=True):
+                results[position] = StoredSample(sample_id, item.sha256, created=True)
+        for position, item in enumerate(batch):
+            if results[position] is None:
+                first = results[first_in_batch[(item.camera_id, item.request_id)]]
+                assert first is not None
+                results[position] = StoredSample(
+                    first.sample_id, first.sha256, created=False, conflict=first.sha256 != item.sha256
+                )
+        return [result for result in results if result is not None]
+
+    def _existing_keys(self, batch: Sequence[NewSample]) -> dict[tuple[str, str], tuple[int, str]]:
+        cameras = {item.camera_id for item in batch}
+        requests = {item.request_id for item in batch}
+        query = select(Sample.id, Sample.camera_id, Sample.request_id, Sample.sha256).where(  # type: ignore[call-overload]
+            Sample.camera_id.in_(cameras),  # type: ignore[attr-defined]
+            Sample.request_id.in_(requests),  # type: ignore[attr-defined]
+        )
+        with self.engine.connect() as connection:
+            return {(cam, req): (sid, sha) for sid, cam, req, sha in connection.execute(query)}
+
+    def _insert_new(self, items: Sequence[NewSample]) -> list[int]:
+        """Append unseen blobs (one fsync), then commit blob index, samples and labels together."""
+        now = utcnow()
+        blob_table = Blob.__table__  # type: ignore[attr-defined]
+        sample_table = Sample.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            shas = {item.sha256 for item in items}
+            known = set(
+                connection.execute(select(blob_table.c.sha256).where(blob_table.c.sha256.in_(shas))).scalars()
+            )
+            unseen: dict[str, bytes] = {}
+            for item in items:
+                if item.sha256 not in known:
+                    unseen.setdefault(item.sha256, item.data)
+            if unseen:
+                locations = self.blobs.append_many(list(unseen.items()))
+                connection.execute(
+                    insert(blob_table),
+                    [
+                        {"sha256": loc.sha256, "segment": loc.segment, "offset": loc.offset,
+                         "length": loc.length, "created_at": now}
+                        for loc in locations
+                    ],
+                )
+            returned = connection.execute(
+                insert(sample_table).returning(sample_table.c.id, sort_by_parameter_order=True),
+                [_sample_row(item, now) for item in items],
+            )
+            ids = [row[0] for row in returned]
+            labeled = [(sid, item) for sid, item in zip(ids, items, strict=True) if item.label]
+            if labeled:
+                self._ensure_classes(connection, {item.label for _, item in labeled if item.label}, now)
+                connection.execute(
+                    insert(Label.__table__),  # type: ignore[attr-defined]
+                    [
+                        {"sample_id": sid, "class_name": item.label, "source": LabelSource.CAMERA.value,
+                         "confidence": 1.0, "author": item.camera_id, "created_at": now}
+                        for sid, item in labeled
+                    ],
+                )
+        return ids
+
+    @staticmethod
+    def _ensure_classes(connection: Any, names: set[str], now: datetime) -> None:
+        table = ClassInfo.__table__  # type: ignore[attr-defined]
+        known = set(connection.execute(select(table.c.name).where(table.c.name.in_(names))).scalars())
+        missing = sorted(names - known)
+        if missing:
+            connection.execute(
+                insert(table),
+                [{"name": name, "created_at": now, "created_by": "camera", "source": "camera"} for name in missing],
+            )
+
+    # ---------------------------------------------------------------------------------------- reads
+
+    def blob_location(self, sha256: str) -> BlobLocation | None:
+        with self.session() as session:
+            row = session.get(Blob, sha256)
+        return None if row is None else BlobLocation(row.sha256, row.segment, row.offset, row.length)
+
+    def read_blob(self, sha256: str, *, verify: bool = False) -> bytes:
+        """The bytes of a stored blob (KeyError when no committed row refers to it)."""
+        location = self.blob_location(sha256)
+        if location is None:
+            raise KeyError(f"no blob {sha256}")
+        return self.blobs.read(location, verify=verify)
+
+    def get_sample(self, sample_id: int) -> Sample | None:
+        with self.session() as session:
+            return session.get(Sample, sample_id)
+
+    def labels_of(self, sample_id: int) -> list[Label]:
+        """Every label of a sample, newest first."""
+        with self.session() as session:
+            query = select(Label).where(Label.sample_id == sample_id).order_by(Label.id.desc())  # type: ignore[union-attr]
+            return list(session.scalars(query))
+
+    def class_names(self) -> list[str]:
+        with self.engine.connect() as connection:
+            return list(connection.execute(select(ClassInfo.name).order_by(ClassInfo.name)).scalars())
+
+    def counts(self) -> StoreCounts:
+        with self.engine.connect() as connection:
+            samples = connection.execute(select(func.count()).select_from(Sample)).scalar_one()
+            labeled = connection.execute(select(func.count(func.distinct(Label.sample_id)))).scalar_one()
+            blobs, blob_bytes = connection.execute(
+                select(func.count(), func.coalesce(func.sum(Blob.length), 0)).select_from(Blob)
+            ).one()
+        return StoreCounts(samples=samples, unlabeled=samples - labeled, blobs=blobs, blob_bytes=int(blob_bytes))
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Per class, how many samples have their effective label from each source."""
+        ranked = self._effective_label_query().subquery()
+        query = select(ranked.c.class_name, ranked.c.source, func.count()).group_by(
+            ranked.c.class_name, ranked.c.source
+        )
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as connection:
+            for class_name, source, count in connection.execute(query):
+                counts.setdefault(class_name, {s.value: 0 for s in LabelSource})[source] = count
+        return counts
+
+    def effective_label(self, sample_id: int) -> Label | None:
+        """The label that counts for a sample: operator > camera > pseudo, newest within a source."""
+        labels = self.labels_of(sample_id)
+        return max(labels, key=lambda label: (PRECEDENCE[LabelSource(label.source)], label.id or 0), default=None)
+
+    @staticmethod
+    def _effective_label_query() -> Any:
+        """One row per labeled sample: its effective label (a window over the append-only history)."""
+        rank = case(*((Label.source == source.value, value) for source, value in PRECEDENCE.items()), else_=0)
+        numbered = select(
+            Label.sample_id,
+            Label.class_name,
+            Label.source,
+            func.row_number()
+            .over(partition_by=Label.sample_id, order_by=(rank.desc(), Label.id.desc()))  # type: ignore[union-attr]
+            .label("position"),
+        ).subquery()
+        return select(numbered.c.sample_id, numbered.c.class_name, numbered.c.source).where(numbered.c.position == 1)
+
+    def integrity_problems(self, *, verify_bytes: bool = False) -> list[str]:
+        """Check the database and that every row's blob is present (and intact with verify_bytes)."""
+        problems: list[str] = []
+        if self.backend == "sqlite":
+            with self.engine.connect() as connection:
+                result = connection.execute(text("PRAGMA integrity_check")).scalar_one()
+                if result != "ok":
+                    problems.append(f"sqlite integrity_check: {result}")
+        with self.session() as session:
+            for row in session.scalars(select(Blob)):
+                location = BlobLocation(row.sha256, row.segment, row.offset, row.length)
+                try:
+                    self.blobs.read(location, verify=verify_bytes)
+                except (OSError, BlobCorruptError) as exc:
+                    problems.append(f"blob {row.sha256}: {exc}")
+        return problems
+
+
+def _sample_row(item: NewSample, now: datetime) -> dict[str, Any]:
+    return {
+        "camera_id": item.camera_id,
+        "request_id": item.request_id,
+        "sha256": item.sha256,
+        "image_format": item.image_format,
+        "width": item.width,
+        "height": item.height,
+        "byte_size": len(item.data),
+        "captured_at": item.captured_at or now,
+        "received_at": now,
+        "metadata": dict(item.metadata),
+    }
