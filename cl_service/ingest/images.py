@@ -46,7 +46,9 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
     except UnidentifiedImageError:
         raise _unsupported_or_undecodable(data) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise invalid("IMAGE_TOO_MANY_PIXELS", f"the image declares too many pixels: {exc}") from None
+        raise invalid(
+            "IMAGE_TOO_MANY_PIXELS", f"the image declares too many pixels ({exc}); at most {max_pixels:,} are accepted"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
         raise invalid("IMAGE_UNDECODABLE", f"the image header cannot be read: {exc}") from None
     with image:
@@ -80,8 +82,25 @@ def _decode_fully(image: Image.Image, width: int, height: int) -> None:
         raise invalid("IMAGE_UNDECODABLE", f"the image cannot be decoded: {exc}") from None
 
 
+MAGIC_NUMBERS = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
 def _unsupported_or_undecodable(data: bytes) -> ServiceError:
-    """Tell a known-but-unsupported format (GIF, ...) from bytes that are no image at all."""
+    """Tell a broken supported file, a known-but-unsupported format (GIF, ...) and non-images apart."""
+    looks_like = next((name for magic, name in MAGIC_NUMBERS if data.startswith(magic)), None)
+    if looks_like is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        looks_like = "WebP"
+    if looks_like is not None:
+        return invalid(
+            "IMAGE_UNDECODABLE",
+            f"the bytes start like a {looks_like} file but its header cannot be read (truncated or corrupt)",
+        )
     try:
         with Image.open(io.BytesIO(data)) as other:
             found = other.format or "unknown"

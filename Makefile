@@ -1,0 +1,37 @@
+# The two commands of the README: `make run` (the main job) and `make test` (the test suite).
+# Each creates .venv with the exact versions of requirements.lock on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test check lint proto bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)  ## start the service on embedded defaults and stream simulated cameras into it
+	$(BIN)/cl-service demo
+
+test: $(STAMP)  ## the whole default test suite, as CI runs it
+	$(BIN)/python -m pytest
+
+check: lint test  ## lint, types and tests
+
+lint: $(STAMP)  ## format check, lint (ruff) and types (mypy)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+proto: $(STAMP)  ## regenerate the gRPC stubs from protos/
+	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+bench: $(STAMP)  ## run every benchmark in bench/ and write bench/results/
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) cl-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,238 @@
+"""The `cl-service` command: serve, demo, simulate, status, migrate, check-store.
+
+Settings come from one place (cl_service.config.load_settings): flags here override environment
+variables (CL_SERVICE_*), which override the TOML file given with --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cl_service import __version__
+from cl_service.config import Settings, load_settings
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="a TOML file of settings")
+    parser.add_argument("--data-dir", type=Path, help="folder of the embedded store (default ./cl-data)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(
+        args.config, data_dir=args.data_dir, database_url=args.database_url, log_level=args.log_level, **extra
+    )
+
+
+def _simulation_flags(parser: argparse.ArgumentParser, *, count: int, cameras: int) -> None:
+    parser.add_argument("--cameras", type=int, default=cameras, help="concurrent camera streams")
+    parser.add_argument("--count", type=int, default=count, help="images per camera")
+    parser.add_argument("--rate", type=float, default=0.0, help="images/s per camera (0: as fast as possible)")
+    parser.add_argument("--labeled-fraction", type=float, default=0.1, help="share of images sent with a label")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-id", default="", help="request-id prefix; reuse one to resend the same images")
+    parser.add_argument("--images", type=Path, help="a folder with one sub-folder per class, instead of synthetic")
+    parser.add_argument("--format", default="png", choices=["png", "jpeg", "bmp", "tiff", "webp"])
+    parser.add_argument("--size", type=int, default=224, help="synthetic image width and height")
+    parser.add_argument("--noise", type=float, default=0.03, help="synthetic pixel noise (0..1)")
+    parser.add_argument("--lighting-drift", type=float, default=0.0, help="synthetic slow brightness drift (0..1)")
+    parser.add_argument("--new-defect", default="crack", help="a defect type that starts appearing ('' for none)")
+    parser.add_argument("--new-defect-after", type=int, default=-1, help="index from which it appears (-1: half)")
+
+
+def _simulation_config(args: argparse.Namespace, target: str) -> Any:
+    from cl_service.simulate.driver import SimulationConfig
+    from cl_service.simulate.surface import SurfaceConfig
+
+    after = args.new_defect_after if args.new_defect_after >= 0 else args.count // 2
+    surface = SurfaceConfig(
+        width=args.size, height=args.size, noise=args.noise, lighting_drift=args.lighting_drift,
+        new_defect=args.new_defect or None, new_defect_after=after, seed=args.seed,
+    )
+    return SimulationConfig(
+        target=target, cameras=args.cameras, count=args.count, rate=args.rate,
+        labeled_fraction=args.labeled_fraction, seed=args.seed, images=args.images, surface=surface,
+        image_format=args.format, run_id=args.run_id or f"run{time.strftime('%Y%m%d%H%M%S')}",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl-service", description="Continual learning service for visual inspection")
+    parser.add_argument("--version", action="version", version=f"cl-service {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server until SIGINT/SIGTERM")
+    _settings_flags(serve)
+    serve.add_argument("--bind", help="host:port to listen on (default 127.0.0.1:50051, loopback only)")
+
+    demo = commands.add_parser("demo", help="start the service on embedded defaults and stream simulated cameras")
+    _settings_flags(demo)
+    _simulation_flags(demo, count=600, cameras=2)
+
+    simulate = commands.add_parser("simulate", help="stream simulated camera images to a running server")
+    simulate.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    _simulation_flags(simulate, count=1000, cameras=1)
+
+    status = commands.add_parser("status", help="print a running server's status")
+    status.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+
+    migrate = commands.add_parser("migrate", help="bring the store's schema to this version")
+    _settings_flags(migrate)
+
+    check = commands.add_parser("check-store", help="check the database and that every blob is readable")
+    _settings_flags(check)
+    check.add_argument("--verify-bytes", action="store_true", help="also re-hash every blob")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"cl-service {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cl_service.api.server import serve_forever
+
+    settings = _settings(args, bind=args.bind)
+    _logging(settings)
+    asyncio.run(serve_forever(settings))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cl_service.simulate.driver import run_simulation
+
+    config = _simulation_config(args, args.target)
+    summary = _with_progress(config, run_simulation)
+    return 0 if not summary.failures else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    from cl_service.client import Client
+
+    with Client(args.target, timeout_s=10) as client:
+        print(MessageToJson(client.status(), preserving_proto_field_name=True))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from replay_store.db import create_store_engine, current_revision, migrate
+
+    settings = _settings(args)
+    engine = create_store_engine(settings.resolved_database_url)
+    migrate(engine)
+    print(f"store schema at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_check_store(args: argparse.Namespace) -> int:
+    from replay_store.store import Store
+
+    settings = _settings(args)
+    store = Store.open(settings.resolved_database_url, settings.blob_dir, migrate_schema=False)
+    try:
+        problems = store.integrity_problems(verify_bytes=args.verify_bytes)
+        counts = store.counts()
+    finally:
+        store.close()
+    for problem in problems:
+        print(problem)
+    print(f"{counts.samples} samples, {counts.blobs} blobs: {'OK' if not problems else f'{len(problems)} problems'}")
+    return 0 if not problems else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the server in this process on a free loopback port, stream simulated cameras into it."""
+    from rich.console import Console
+
+    from cl_service.api.server import start_server
+    from cl_service.client import Client
+    from cl_service.simulate.driver import run_simulation
+
+    settings = _settings(args, bind="127.0.0.1:0")
+    logging.basicConfig(level="WARNING")
+    console = Console()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(start_server(settings), loop).result()
+    target = f"127.0.0.1:{running.port}"
+    console.print(f"[bold]cl-service {__version__}[/] serving on {target}; store in {settings.data_dir.resolve()}")
+    try:
+        summary = _with_progress(_simulation_config(args, target), run_simulation, console)
+        with Client(target) as client:
+            status = client.status()
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(grace=5), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    console.print(
+        f"store now holds {status.samples_total} samples ({status.samples_unlabeled} unlabeled) in "
+        f"{status.blobs_total} blobs, {status.blob_bytes_total / 1e6:.1f} MB"
+    )
+    for item in status.classes:
+        console.print(f"  {item.class_name:<12} {item.camera_labels} camera labels")
+    console.print(f"data folder: {settings.data_dir.resolve()} (SQLite store.sqlite + blobs/)")
+    return 0 if not summary.failures else 1
+
+
+def _with_progress(config: Any, run: Any, console: Any = None) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = console or Console()
+    total = config.count * config.cameras if config.images is None else None
+    counts = {"stored": 0, "already_stored": 0, "rejected": 0}
+    lock = threading.Lock()
+    with Progress(
+        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("ingest", total=total, detail="")
+
+        def on_result(_camera: int, result: Any) -> None:
+            with lock:
+                counts[result.status] = counts.get(result.status, 0) + 1
+                detail = f"stored {counts['stored']}  dup {counts['already_stored']}  rejected {counts['rejected']}"
+            progress.update(task, advance=1, detail=detail)
+
+        summary = run(config, on_result)
+    rate = summary.sent / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"{summary.sent} images from {config.cameras} camera(s) in {summary.seconds:.1f} s ({rate:.0f}/s): "
+        f"{summary.stored} durable, {summary.statuses['rejected']} rejected, {summary.reconnects} reconnects"
+    )
+    for failure in summary.failures:
+        console.print(f"[red]{failure}[/]")
+    return summary
+
+
+_COMMANDS = {
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "simulate": cmd_simulate,
+    "status": cmd_status,
+    "migrate": cmd_migrate,
+    "check-store": cmd_check_store,
+}

@@ -1,0 +1,266 @@
+"""Client SDK: `CameraClient` for cameras (streaming, reconnect, idempotent resend), `Client` for the rest.
+
+A camera streams through `CameraClient.stream(images)`, which yields one `IngestResult` per image.
+Every image gets a request id (the caller's, or a generated one); an image stays "outstanding" until its
+reply arrives. When the connection breaks, the client reconnects with backoff and resends every
+outstanding image with the same request id: the server answers those it had already stored with
+ALREADY_STORED and the original sample id, so nothing is stored twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from cl_service.v1 import inspection_pb2 as pb
+from cl_service.v1 import inspection_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+DEFAULT_MAX_MESSAGE = 64 << 20
+
+
+@dataclass(frozen=True)
+class CameraImage:
+    """One image to send. Leave request_id empty to have one generated."""
+
+    image: bytes
+    label: str = ""
+    request_id: str = ""
+    captured_at: datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The server's answer about one image."""
+
+    request_id: str
+    status: str  # "stored", "already_stored" or "rejected"
+    sample_id: int
+    sha256: str
+    error_reason: str = ""
+    error_message: str = ""
+    warnings: tuple[str, ...] = ()
+    prediction: pb.Prediction | None = None
+    label: str = ""
+
+    @property
+    def durable(self) -> bool:
+        """True when the image is stored (now or before): it survives a crash of the server."""
+        return self.status in ("stored", "already_stored")
+
+
+_STATUS_NAMES = {
+    pb.INGEST_STATUS_STORED: "stored",
+    pb.INGEST_STATUS_ALREADY_STORED: "already_stored",
+    pb.INGEST_STATUS_REJECTED: "rejected",
+}
+
+
+def channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.Channel:
+    """An insecure channel to `target` (host:port) sized for large images."""
+    return grpc.insecure_channel(
+        target,
+        options=[("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.max_receive_message_length", max_message_bytes)],
+    )
+
+
+class CameraClient:
+    """Streams a camera's images with a bounded window, reconnecting and resending on failure."""
+
+    def __init__(
+        self,
+        target: str,
+        camera_id: str,
+        *,
+        window: int = 64,
+        max_reconnects: int = 20,
+        backoff_s: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.target = target
+        self.camera_id = camera_id
+        self.window = window
+        self.max_reconnects = max_reconnects
+        self.backoff_s = backoff_s
+        self.reconnects = 0
+
+    def stream(self, images: Iterable[CameraImage]) -> Iterator[IngestResult]:
+        """Send every image; yield one result per image (in reply order, not send order)."""
+        state = _StreamState(iter(images), self.camera_id, self.window)
+        failures = 0
+        while not state.finished():
+            with channel(self.target) as chan:
+                stub = pb_grpc.InspectionServiceStub(chan)
+                attempt = state.new_attempt()
+                try:
+                    for reply in stub.Ingest(state.requests(attempt)):
+                        result = state.answer(reply)
+                        if result is not None:
+                            failures = 0
+                            yield result
+                    if state.finished():
+                        return
+                    raise _StreamEnded("the server ended the stream before answering every image")
+                except (grpc.RpcError, _StreamEnded) as exc:
+                    code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                    if code not in RETRYABLE or failures >= self.max_reconnects:
+                        raise
+                    failures += 1
+                    self.reconnects += 1
+                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** (failures - 1))
+                    log.info("ingest stream broke (%s); reconnecting in %.1f s and resending %d images",
+                             code.name, delay, state.outstanding_count())
+                finally:
+                    state.end_attempt(attempt)
+            time.sleep(delay)
+
+
+class _StreamEnded(Exception):
+    pass
+
+
+class _StreamState:
+    """What has been sent and not yet answered, shared by the request and reply sides of a stream."""
+
+    def __init__(self, source: Iterator[CameraImage], camera_id: str, window: int) -> None:
+        self._source = source
+        self._camera_id = camera_id
+        self._window = window
+        self._outstanding: OrderedDict[str, tuple[pb.IngestRequest, str]] = OrderedDict()
+        self._exhausted = False
+        self._changed = threading.Condition()
+        self._attempt = 0
+
+    def new_attempt(self) -> int:
+        with self._changed:
+            self._attempt += 1
+            return self._attempt
+
+    def end_attempt(self, attempt: int) -> None:
+        with self._changed:
+            if self._attempt == attempt:
+                self._attempt += 1
+            self._changed.notify_all()
+
+    def finished(self) -> bool:
+        with self._changed:
+            return self._exhausted and not self._outstanding
+
+    def outstanding_count(self) -> int:
+        with self._changed:
+            return len(self._outstanding)
+
+    def requests(self, attempt: int) -> Iterator[pb.IngestRequest]:
+        """The request side of one attempt: first resend what is outstanding, then new images."""
+        with self._changed:
+            resend = [request for request, _ in self._outstanding.values()]
+        yield from resend
+        while True:
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: self._attempt != attempt or self._exhausted or len(self._outstanding) < self._window
+                )
+                if self._attempt != attempt or self._exhausted:
+                    return
+                request = self._next_request()
+                if request is None:
+                    return
+            yield request
+
+    def _next_request(self) -> pb.IngestRequest | None:
+        try:
+            image = next(self._source)
+        except StopIteration:
+            self._exhausted = True
+            self._changed.notify_all()
+            return None
+        request = _to_request(image, self._camera_id)
+        self._outstanding[request.request_id] = (request, image.label)
+        return request
+
+    def answer(self, reply: pb.IngestReply) -> IngestResult | None:
+        with self._changed:
+            entry = self._outstanding.pop(reply.request_id, None)
+            self._changed.notify_all()
+        if entry is None:
+            return None  # a late duplicate answer to a resent image
+        return IngestResult(
+            request_id=reply.request_id,
+            status=_STATUS_NAMES.get(reply.status, "rejected"),
+            sample_id=reply.sample_id,
+            sha256=reply.image_sha256,
+            error_reason=reply.error.reason,
+            error_message=reply.error.message,
+            warnings=tuple(reply.warnings),
+            prediction=reply.prediction if reply.HasField("prediction") else None,
+            label=entry[1],
+        )
+
+
+def _to_request(image: CameraImage, camera_id: str) -> pb.IngestRequest:
+    request = pb.IngestRequest(
+        request_id=image.request_id or uuid.uuid4().hex,
+        camera_id=camera_id,
+        image=image.image,
+        label=image.label,
+        metadata=dict(image.metadata),
+    )
+    if image.captured_at is not None:
+        request.captured_at.FromDatetime(image.captured_at)
+    return request
+
+
+class Client:
+    """Unary calls for operators and admins (status, samples, health)."""
+
+    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
+        self._channel = channel(target)
+        self.stub = pb_grpc.InspectionServiceStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def status(self) -> pb.ServiceStatus:
+        return self.stub.GetStatus(pb.GetStatusRequest(), timeout=self.timeout_s)
+
+    def get_sample(self, sample_id: int, *, include_image: bool = False) -> pb.Sample:
+        request = pb.GetSampleRequest(sample_id=sample_id, include_image=include_image)
+        return self.stub.GetSample(request, timeout=self.timeout_s)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the server answers health checks with SERVING (or raise TimeoutError)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the server did not become ready within {timeout_s} s")

@@ -1,0 +1,67 @@
+"""Shared fixtures: synthetic images, settings on a temporary data dir, a real server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cl_service.api.server import RunningServer, start_server
+from cl_service.config import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+
+def png_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
+    """A small distinct greyscale image, encoded."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path / "data", bind="127.0.0.1:0", shutdown_grace_s=2.0)
+
+
+@dataclass
+class ServerHandle:
+    """A real gRPC server running on its own event loop thread."""
+
+    running: RunningServer
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[ServerHandle]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(start_server(settings), loop).result(60)
+    try:
+        yield ServerHandle(running, loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(grace=1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.skip(f"the real defect images are not at {DATASETS} (see ../shared/datasets/README.md)")
+    return DATASETS
