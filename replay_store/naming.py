@@ -18,7 +18,7 @@ def class_name_problem(name: str) -> str | None:
         return "the class name is empty"
     if len(name) > 64:
         return f"the class name has {len(name)} characters; at most 64 are allowed"
-    if not CLASS_NAME_RE.match(name):
+    if not CLASS_NAME_RE.fullmatch(name):
         return (
             f"the class name {name!r} breaks the naming rule ^[a-z][a-z0-9_]{{0,63}}$ "
             "(lowercase letters, digits and underscores, starting with a letter)"
@@ -32,6 +32,6 @@ def identifier_problem(kind: str, value: str) -> str | None:
         return f"{kind} is missing"
     if len(value) > 128:
         return f"{kind} has {len(value)} characters; at most 128 are allowed"
-    if not IDENTIFIER_RE.match(value):
+    if not IDENTIFIER_RE.fullmatch(value):
         return f"{kind} {value[:64]!r} may only hold letters, digits and . _ : @ -"
     return None

@@ -41,6 +41,7 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
         raise invalid("IMAGE_TOO_LARGE", f"the image has {len(data):,} bytes; this server accepts at most {max_bytes:,}")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hostile files make Pillow warn about tags; we judge by errors
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))
     except UnidentifiedImageError:

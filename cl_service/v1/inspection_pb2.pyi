@@ -590,6 +590,8 @@ Global___IngestReply: _TypeAlias = IngestReply  # noqa: Y015
 class ClassifyRequest(_message.Message):
     """----------------------------------------------------------------------------------------------------
     Classify
+
+    One image to classify.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -616,6 +618,8 @@ Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
 
 @_typing.final
 class ClassifyReply(_message.Message):
+    """The prediction for a ClassifyRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PREDICTION_FIELD_NUMBER: _builtins.int
@@ -676,6 +680,8 @@ Global___Correction: _TypeAlias = Correction  # noqa: Y015
 
 @_typing.final
 class SubmitCorrectionRequest(_message.Message):
+    """A batch of operator labels."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OPERATOR_ID_FIELD_NUMBER: _builtins.int
@@ -740,6 +746,8 @@ Global___CorrectionResult: _TypeAlias = CorrectionResult  # noqa: Y015
 
 @_typing.final
 class SubmitCorrectionReply(_message.Message):
+    """The outcome of each correction of a SubmitCorrectionRequest."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -762,6 +770,8 @@ Global___SubmitCorrectionReply: _TypeAlias = SubmitCorrectionReply  # noqa: Y015
 
 @_typing.final
 class ListReviewQueueRequest(_message.Message):
+    """Which page of the review queue to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -828,6 +838,8 @@ Global___ReviewItem: _TypeAlias = ReviewItem  # noqa: Y015
 
 @_typing.final
 class ListReviewQueueReply(_message.Message):
+    """One page of the review queue."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
@@ -860,6 +872,8 @@ Global___ListReviewQueueReply: _TypeAlias = ListReviewQueueReply  # noqa: Y015
 class GetSampleRequest(_message.Message):
     """----------------------------------------------------------------------------------------------------
     Samples
+
+    Which sample to return, and how much of it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1079,6 +1093,8 @@ Global___Alert: _TypeAlias = Alert  # noqa: Y015
 
 @_typing.final
 class WatchAlertsRequest(_message.Message):
+    """Where to start following the alert log."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CURSOR_FIELD_NUMBER: _builtins.int
@@ -1139,6 +1155,8 @@ Global___AlertEvent: _TypeAlias = AlertEvent  # noqa: Y015
 
 @_typing.final
 class AcknowledgeAlertRequest(_message.Message):
+    """An operator's acknowledgement of an alert."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_ID_FIELD_NUMBER: _builtins.int
@@ -1226,6 +1244,8 @@ Global___UpdateRun: _TypeAlias = UpdateRun  # noqa: Y015
 
 @_typing.final
 class TriggerUpdateRequest(_message.Message):
+    """A request for an update run now."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
@@ -1250,6 +1270,8 @@ Global___TriggerUpdateRequest: _TypeAlias = TriggerUpdateRequest  # noqa: Y015
 
 @_typing.final
 class WatchUpdateRequest(_message.Message):
+    """Which update run to follow."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
@@ -1407,6 +1429,8 @@ Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
+    """Which model versions to list."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_REJECTED_FIELD_NUMBER: _builtins.int
@@ -1427,6 +1451,8 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class ListModelsReply(_message.Message):
+    """The kept model versions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
@@ -1453,6 +1479,8 @@ Global___ListModelsReply: _TypeAlias = ListModelsReply  # noqa: Y015
 
 @_typing.final
 class ActivateModelRequest(_message.Message):
+    """A version to make live, and why."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -1482,6 +1510,8 @@ Global___ActivateModelRequest: _TypeAlias = ActivateModelRequest  # noqa: Y015
 class GetStatusRequest(_message.Message):
     """----------------------------------------------------------------------------------------------------
     Status
+
+    No parameters.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1529,6 +1559,8 @@ Global___ClassCount: _TypeAlias = ClassCount  # noqa: Y015
 
 @_typing.final
 class ServiceStatus(_message.Message):
+    """The state of the service."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVER_VERSION_FIELD_NUMBER: _builtins.int

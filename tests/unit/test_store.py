@@ -1,0 +1,136 @@
+"""The store: idempotent batches, content dedupe, label precedence, migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import insert
+from sqlmodel import SQLModel
+
+from replay_store.committer import GroupCommitter
+from replay_store.db import create_store_engine, current_revision, head_revision
+from replay_store.models import Label, LabelSource, utcnow
+from replay_store.store import NewSample, Store
+
+
+def _sample(request_id: str, data: bytes, camera: str = "cam", label: str | None = None) -> NewSample:
+    return NewSample(camera, request_id, hashlib.sha256(data).hexdigest(), "png", 4, 4, data, label=label)
+
+
+def _open(tmp_path: Path) -> Store:
+    return Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs")
+
+
+def test_batches_are_idempotent_by_camera_and_request_id(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    first = store.add_samples([_sample("a", b"1"), _sample("b", b"2"), _sample("a", b"1")])
+    assert [r.created for r in first] == [True, True, False]
+    assert first[2].sample_id == first[0].sample_id
+    again = store.add_samples([_sample("a", b"1"), _sample("a", b"1", camera="other")])
+    assert (again[0].created, again[0].sample_id) == (False, first[0].sample_id)
+    assert again[1].created  # the same request id from another camera is another image
+    assert store.add_samples([_sample("a", b"changed")])[0].conflict
+    assert store.counts().samples == 3
+    store.close()
+
+
+def test_identical_bytes_share_one_blob(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    store.add_samples([_sample(f"r{i}", b"same bytes") for i in range(4)])
+    store.add_samples([_sample("r9", b"same bytes")])
+    counts = store.counts()
+    assert (counts.samples, counts.blobs, counts.blob_bytes) == (5, 1, len(b"same bytes"))
+    assert store.read_blob(hashlib.sha256(b"same bytes").hexdigest(), verify=True) == b"same bytes"
+    store.close()
+
+
+def test_operator_beats_camera_beats_pseudo_and_history_is_kept(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    (stored,) = store.add_samples([_sample("x", b"x", label="scratch")])
+    with store.engine.begin() as connection:
+        connection.execute(insert(Label.__table__), [  # type: ignore[attr-defined]
+            {"sample_id": stored.sample_id, "class_name": "scratch", "source": LabelSource.PSEUDO.value,
+             "confidence": 0.99, "model_version": "v1", "created_at": utcnow()},
+        ])
+    assert store.effective_label(stored.sample_id).source == LabelSource.CAMERA.value  # type: ignore[union-attr]
+    store.add_samples([_sample("y", b"y", label="pit")])
+    with store.engine.begin() as connection:
+        connection.execute(insert(Label.__table__), [  # type: ignore[attr-defined]
+            {"sample_id": stored.sample_id, "class_name": "pit", "source": LabelSource.OPERATOR.value,
+             "confidence": 1.0, "author": "ana", "created_at": utcnow()},
+        ])
+    effective = store.effective_label(stored.sample_id)
+    assert effective is not None and (effective.class_name, effective.source) == ("pit", "operator")
+    assert [label.source for label in store.labels_of(stored.sample_id)] == ["operator", "pseudo", "camera"]
+    assert store.label_counts() == {
+        "pit": {"operator": 1, "camera": 1, "pseudo": 0},
+    }
+    store.close()
+
+
+def test_group_commit_batches_concurrent_writers(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    committer = GroupCommitter(store, max_batch=64)
+    futures = []
+
+    def submit(worker: int) -> None:
+        for i in range(100):
+            futures.append(committer.submit(_sample(f"w{worker}-{i}", f"{worker}-{i}".encode())))
+
+    threads = [threading.Thread(target=submit, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results = [future.result(30) for future in futures]
+    committer.close()
+    assert all(result.created for result in results)
+    assert len({result.sample_id for result in results}) == 400
+    assert committer.stats.items == 400 and committer.stats.batches < 400
+    assert store.integrity_problems(verify_bytes=True) == []
+    store.close()
+
+
+def test_a_failed_batch_fails_its_waiters_and_the_writer_goes_on(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    committer = GroupCommitter(store)
+    original = store.add_samples
+    calls = {"n": 0}
+
+    def flaky(batch: list[NewSample]) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return original(batch)
+
+    store.add_samples = flaky  # type: ignore[method-assign]
+    failed = committer.submit(_sample("f", b"f"))
+    try:
+        failed.result(10)
+        raise AssertionError("expected the batch to fail")
+    except OSError as exc:
+        assert exc.errno == 28
+    assert committer.submit(_sample("g", b"g")).result(10).created
+    committer.close()
+    store.close()
+
+
+def test_migrations_match_the_models(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    assert current_revision(store.engine) == head_revision(store.engine)
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    assert differences == [], "a model changed without a migration: run alembic revision --autogenerate"
+    store.close()
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
