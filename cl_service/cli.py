@@ -55,13 +55,25 @@ def _simulation_config(args: argparse.Namespace, target: str) -> Any:
 
     after = args.new_defect_after if args.new_defect_after >= 0 else args.count // 2
     surface = SurfaceConfig(
-        width=args.size, height=args.size, noise=args.noise, lighting_drift=args.lighting_drift,
-        new_defect=args.new_defect or None, new_defect_after=after, seed=args.seed,
+        width=args.size,
+        height=args.size,
+        noise=args.noise,
+        lighting_drift=args.lighting_drift,
+        new_defect=args.new_defect or None,
+        new_defect_after=after,
+        seed=args.seed,
     )
     return SimulationConfig(
-        target=target, cameras=args.cameras, count=args.count, rate=args.rate,
-        labeled_fraction=args.labeled_fraction, seed=args.seed, images=args.images, surface=surface,
-        image_format=args.format, run_id=args.run_id or f"run{time.strftime('%Y%m%d%H%M%S')}",
+        target=target,
+        cameras=args.cameras,
+        count=args.count,
+        rate=args.rate,
+        labeled_fraction=args.labeled_fraction,
+        seed=args.seed,
+        images=args.images,
+        surface=surface,
+        image_format=args.format,
+        run_id=args.run_id or f"run{time.strftime('%Y%m%d%H%M%S')}",
     )
 
 
@@ -206,8 +218,12 @@ def _with_progress(config: Any, run: Any, console: Any = None) -> Any:
     counts = {"stored": 0, "already_stored": 0, "rejected": 0}
     lock = threading.Lock()
     with Progress(
-        TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-        TimeRemainingColumn(), console=console,
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task("ingest", total=total, detail="")
 

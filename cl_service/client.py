@@ -26,8 +26,15 @@ from cl_service.v1 import inspection_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                       grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 DEFAULT_MAX_MESSAGE = 64 << 20
 
 
@@ -73,8 +80,10 @@ def channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grp
     """An insecure channel to `target` (host:port) sized for large images."""
     return grpc.insecure_channel(
         target,
-        options=[("grpc.max_send_message_length", max_message_bytes),
-                 ("grpc.max_receive_message_length", max_message_bytes)],
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ],
     )
 
 
@@ -115,22 +124,26 @@ class CameraClient:
                             yield result
                     if state.finished():
                         return
-                    raise _StreamEnded("the server ended the stream before answering every image")
-                except (grpc.RpcError, _StreamEnded) as exc:
+                    raise _StreamEndedError("the server ended the stream before answering every image")
+                except (grpc.RpcError, _StreamEndedError) as exc:
                     code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
                     if code not in RETRYABLE or failures >= self.max_reconnects:
                         raise
                     failures += 1
                     self.reconnects += 1
                     delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** (failures - 1))
-                    log.info("ingest stream broke (%s); reconnecting in %.1f s and resending %d images",
-                             code.name, delay, state.outstanding_count())
+                    log.info(
+                        "ingest stream broke (%s); reconnecting in %.1f s and resending %d images",
+                        code.name,
+                        delay,
+                        state.outstanding_count(),
+                    )
                 finally:
                     state.end_attempt(attempt)
             time.sleep(delay)
 
 
-class _StreamEnded(Exception):
+class _StreamEndedError(Exception):
     pass
 
 

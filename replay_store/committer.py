@@ -92,7 +92,7 @@ class GroupCommitter:
         started = time.perf_counter()
         try:
             results = self._store.add_samples([sample for sample, _ in live])
-        except Exception as exc:  # noqa: BLE001 - every waiter gets the error, the writer goes on
+        except Exception as exc:
             log.exception("storing a batch of %d images failed", len(live))
             self.stats.failed_batches += 1
             for _, future in live:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; everywhere else ids are 64-bit.
@@ -197,3 +197,16 @@ class AlertEvent(SQLModel, table=True):
     alert_id: int = Field(sa_column=Column(ID_TYPE, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False))
     event_type: str = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = _time_column()
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, Table)
+    return table
+
+
+# The Core tables, for bulk statements that the ORM would only slow down.
+SAMPLES = _table(Sample)
+BLOBS = _table(Blob)
+CLASSES = _table(ClassInfo)
+LABELS = _table(Label)

@@ -21,7 +21,18 @@ from sqlmodel import Session
 
 from replay_store.blobs import BlobCorruptError, BlobLocation, BlobStore
 from replay_store.db import create_store_engine, current_revision, head_revision, migrate
-from replay_store.models import PRECEDENCE, Blob, ClassInfo, Label, LabelSource, Sample, utcnow
+from replay_store.models import (
+    BLOBS,
+    CLASSES,
+    LABELS,
+    PRECEDENCE,
+    SAMPLES,
+    Blob,
+    Label,
+    LabelSource,
+    Sample,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +157,8 @@ class Store:
     def _existing_keys(self, batch: Sequence[NewSample]) -> dict[tuple[str, str], tuple[int, str]]:
         cameras = {item.camera_id for item in batch}
         requests = {item.request_id for item in batch}
-        query = select(Sample.id, Sample.camera_id, Sample.request_id, Sample.sha256).where(  # type: ignore[call-overload]
-            Sample.camera_id.in_(cameras),  # type: ignore[attr-defined]
-            Sample.request_id.in_(requests),  # type: ignore[attr-defined]
+        query = select(SAMPLES.c.id, SAMPLES.c.camera_id, SAMPLES.c.request_id, SAMPLES.c.sha256).where(
+            SAMPLES.c.camera_id.in_(cameras), SAMPLES.c.request_id.in_(requests)
         )
         with self.engine.connect() as connection:
             return {(cam, req): (sid, sha) for sid, cam, req, sha in connection.execute(query)}
@@ -156,13 +166,10 @@ class Store:
     def _insert_new(self, items: Sequence[NewSample]) -> list[int]:
         """Append unseen blobs (one fsync), then commit blob index, samples and labels together."""
         now = utcnow()
-        blob_table = Blob.__table__  # type: ignore[attr-defined]
-        sample_table = Sample.__table__  # type: ignore[attr-defined]
+        blob_table, sample_table = BLOBS, SAMPLES
         with self.engine.begin() as connection:
             shas = {item.sha256 for item in items}
-            known = set(
-                connection.execute(select(blob_table.c.sha256).where(blob_table.c.sha256.in_(shas))).scalars()
-            )
+            known = set(connection.execute(select(blob_table.c.sha256).where(blob_table.c.sha256.in_(shas))).scalars())
             unseen: dict[str, bytes] = {}
             for item in items:
                 if item.sha256 not in known:
@@ -172,8 +179,13 @@ class Store:
                 connection.execute(
                     insert(blob_table),
                     [
-                        {"sha256": loc.sha256, "segment": loc.segment, "offset": loc.offset,
-                         "length": loc.length, "created_at": now}
+                        {
+                            "sha256": loc.sha256,
+                            "segment": loc.segment,
+                            "offset": loc.offset,
+                            "length": loc.length,
+                            "created_at": now,
+                        }
                         for loc in locations
                     ],
                 )
@@ -186,10 +198,16 @@ class Store:
             if labeled:
                 self._ensure_classes(connection, {item.label for _, item in labeled if item.label}, now)
                 connection.execute(
-                    insert(Label.__table__),  # type: ignore[attr-defined]
+                    insert(LABELS),
                     [
-                        {"sample_id": sid, "class_name": item.label, "source": LabelSource.CAMERA.value,
-                         "confidence": 1.0, "author": item.camera_id, "created_at": now}
+                        {
+                            "sample_id": sid,
+                            "class_name": item.label,
+                            "source": LabelSource.CAMERA.value,
+                            "confidence": 1.0,
+                            "author": item.camera_id,
+                            "created_at": now,
+                        }
                         for sid, item in labeled
                     ],
                 )
@@ -197,7 +215,7 @@ class Store:
 
     @staticmethod
     def _ensure_classes(connection: Any, names: set[str], now: datetime) -> None:
-        table = ClassInfo.__table__  # type: ignore[attr-defined]
+        table = CLASSES
         known = set(connection.execute(select(table.c.name).where(table.c.name.in_(names))).scalars())
         missing = sorted(names - known)
         if missing:
@@ -227,19 +245,19 @@ class Store:
     def labels_of(self, sample_id: int) -> list[Label]:
         """Every label of a sample, newest first."""
         with self.session() as session:
-            query = select(Label).where(Label.sample_id == sample_id).order_by(Label.id.desc())  # type: ignore[union-attr]
-            return list(session.scalars(query))
+            ids = select(LABELS.c.id).where(LABELS.c.sample_id == sample_id).order_by(LABELS.c.id.desc())
+            return [label for label_id in session.scalars(ids) if (label := session.get(Label, label_id))]
 
     def class_names(self) -> list[str]:
         with self.engine.connect() as connection:
-            return list(connection.execute(select(ClassInfo.name).order_by(ClassInfo.name)).scalars())
+            return list(connection.execute(select(CLASSES.c.name).order_by(CLASSES.c.name)).scalars())
 
     def counts(self) -> StoreCounts:
         with self.engine.connect() as connection:
-            samples = connection.execute(select(func.count()).select_from(Sample)).scalar_one()
-            labeled = connection.execute(select(func.count(func.distinct(Label.sample_id)))).scalar_one()
+            samples = connection.execute(select(func.count()).select_from(SAMPLES)).scalar_one()
+            labeled = connection.execute(select(func.count(func.distinct(LABELS.c.sample_id)))).scalar_one()
             blobs, blob_bytes = connection.execute(
-                select(func.count(), func.coalesce(func.sum(Blob.length), 0)).select_from(Blob)
+                select(func.count(), func.coalesce(func.sum(BLOBS.c.length), 0)).select_from(BLOBS)
             ).one()
         return StoreCounts(samples=samples, unlabeled=samples - labeled, blobs=blobs, blob_bytes=int(blob_bytes))
 
@@ -263,13 +281,13 @@ class Store:
     @staticmethod
     def _effective_label_query() -> Any:
         """One row per labeled sample: its effective label (a window over the append-only history)."""
-        rank = case(*((Label.source == source.value, value) for source, value in PRECEDENCE.items()), else_=0)
+        rank = case(*[(LABELS.c.source == source.value, value) for source, value in PRECEDENCE.items()], else_=0)
         numbered = select(
-            Label.sample_id,
-            Label.class_name,
-            Label.source,
+            LABELS.c.sample_id,
+            LABELS.c.class_name,
+            LABELS.c.source,
             func.row_number()
-            .over(partition_by=Label.sample_id, order_by=(rank.desc(), Label.id.desc()))  # type: ignore[union-attr]
+            .over(partition_by=LABELS.c.sample_id, order_by=(rank.desc(), LABELS.c.id.desc()))
             .label("position"),
         ).subquery()
         return select(numbered.c.sample_id, numbered.c.class_name, numbered.c.source).where(numbered.c.position == 1)

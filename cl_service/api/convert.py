@@ -24,9 +24,7 @@ _SOURCE = {
 }
 
 
-def timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
+def timestamp(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(as_utc(value))
     return stamp
@@ -120,4 +118,3 @@ def status(view: StatusView) -> pb.ServiceStatus:
     )
     message.started_at.CopyFrom(timestamp(view.started_at))
     return message
-

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +31,7 @@ class RunningServer:
 
     server: grpc.aio.Server
     core: ServiceCore
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health's asyncio HealthServicer (an untyped package)
     port: int
 
     async def stop(self, grace: float | None = None) -> None:
@@ -53,10 +54,14 @@ async def start_server(settings: Settings) -> RunningServer:
         ]
     )
     server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core)),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (inspection_pb2.DESCRIPTOR.services_by_name["InspectionService"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (
+            inspection_pb2.DESCRIPTOR.services_by_name["InspectionService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     try:

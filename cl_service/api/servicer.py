@@ -55,7 +55,7 @@ def safe_parser(message_type: type[M]) -> Callable[[bytes], M | Malformed]:
 
 
 def unknown_field_warnings(message: Message) -> list[str]:
-    numbers = sorted({field.field_number for field in UnknownFieldSet(message)})
+    numbers = sorted({field.field_number for field in UnknownFieldSet(message)})  # type: ignore[attr-defined]
     if not numbers:
         return []
     return [f"unknown fields {numbers} were ignored (a newer client? this server speaks cl_service.v1)"]
@@ -138,7 +138,10 @@ class InspectionServicer:
         await replies.put(ending)
 
     async def _answer(
-        self, sequence: int, request: pb.IngestRequest | Malformed, replies: asyncio.Queue[pb.IngestReply | BaseException | None]
+        self,
+        sequence: int,
+        request: pb.IngestRequest | Malformed,
+        replies: asyncio.Queue[pb.IngestReply | BaseException | None],
     ) -> None:
         if isinstance(request, Malformed):
             await replies.put(convert.ingest_reply(sequence, "", IngestOutcome.rejected(request.error()), []))
@@ -220,7 +223,7 @@ def _unary(method: Callable[[Any, Any], Awaitable[Message]]) -> Callable[[Any, A
             return await method(request, context)
         except ServiceError as exc:
             await _abort(context, exc)
-        except Exception as exc:  # noqa: BLE001 - never leak a traceback to a client
+        except Exception as exc:
             log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
             await _abort(context, ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}"))
         raise AssertionError("unreachable: abort raises")
@@ -228,8 +231,12 @@ def _unary(method: Callable[[Any, Any], Awaitable[Message]]) -> Callable[[Any, A
     return handle
 
 
-def _server_streaming(method: Callable[[Any, Any], AsyncIterator[Message]]) -> Callable[[Any, Any], AsyncIterator[Message]]:
-    async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+def _server_streaming(
+    method: Callable[[Any, Any], AsyncIterator[Message]],
+) -> Callable[[Any, Any], AsyncIterator[Message]]:
+    async def handle(
+        request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
         try:
             if isinstance(request, Malformed):
                 raise request.error()
@@ -241,7 +248,7 @@ def _server_streaming(method: Callable[[Any, Any], AsyncIterator[Message]]) -> C
     return handle
 
 
-def generic_handler(servicer: InspectionServicer) -> grpc.GenericRpcHandler:
+def generic_handler(servicer: InspectionServicer) -> grpc.GenericRpcHandler[Any, Any]:
     """The method handlers of InspectionService, with never-raising deserializers."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Ingest": grpc.stream_stream_rpc_method_handler(

@@ -38,7 +38,9 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
     if not data:
         raise invalid("IMAGE_EMPTY", "the image field is empty; send the encoded image bytes")
     if len(data) > max_bytes:
-        raise invalid("IMAGE_TOO_LARGE", f"the image has {len(data):,} bytes; this server accepts at most {max_bytes:,}")
+        raise invalid(
+            "IMAGE_TOO_LARGE", f"the image has {len(data):,} bytes; this server accepts at most {max_bytes:,}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # hostile files make Pillow warn about tags; we judge by errors

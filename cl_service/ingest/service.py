@@ -91,10 +91,8 @@ class IngestService:
             if problem:
                 raise invalid("LABEL_INVALID", problem)
             if self._allowed and item.label not in self._allowed:
-                raise invalid(
-                    "LABEL_NOT_ALLOWED",
-                    f"the class {item.label!r} is not allowed on this server; allowed: {', '.join(sorted(self._allowed))}",
-                )
+                allowed = ", ".join(sorted(self._allowed))
+                raise invalid("LABEL_NOT_ALLOWED", f"the class {item.label!r} is not allowed here; allowed: {allowed}")
         _check_metadata(item.metadata)
 
     async def ingest(self, item: IngestItem) -> IngestOutcome:
@@ -111,7 +109,7 @@ class IngestService:
         except OSError as exc:
             log.error("storing an image failed: %s", exc)
             return IngestOutcome.rejected(_storage_error(exc))
-        except Exception as exc:  # noqa: BLE001 - a store failure is reported per image, the stream goes on
+        except Exception as exc:
             log.exception("storing an image failed")
             return IngestOutcome.rejected(
                 ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")
@@ -121,9 +119,7 @@ class IngestService:
         if info.frames > 1:
             notes.append(f"the image has {info.frames} frames; only the first is used")
         if stored.conflict:
-            notes.append(
-                "this request_id was stored before with different image bytes; the original sample was kept"
-            )
+            notes.append("this request_id was stored before with different image bytes; the original sample was kept")
         status = IngestStatus.STORED if stored.created else IngestStatus.ALREADY_STORED
         return IngestOutcome(status, stored.sample_id, stored.sha256, warnings=tuple(notes))
 
@@ -162,5 +158,7 @@ def _storage_error(exc: OSError) -> ServiceError:
     import errno
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ServiceError(ErrorCode.RESOURCE_EXHAUSTED, "STORE_FULL", "the store's disk is full; the image was not stored")
+        return ServiceError(
+            ErrorCode.RESOURCE_EXHAUSTED, "STORE_FULL", "the store's disk is full; the image was not stored"
+        )
     return ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")

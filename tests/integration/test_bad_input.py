@@ -102,12 +102,18 @@ def _hostile_cases() -> list[tuple[str, bytes, str]]:
         ("label breaks the rule", request("label-1", png_bytes(3), label="Scratch!"), "LABEL_INVALID"),
         ("label too long", request("label-2", png_bytes(4), label="a" * 65), "LABEL_INVALID"),
         ("label not allowed", request("label-3", png_bytes(5), label="pit"), "LABEL_NOT_ALLOWED"),
-        ("missing camera id", pb.IngestRequest(request_id="no-cam", image=png_bytes(6)).SerializeToString(),
-         "CAMERA_ID_MISSING"),
+        (
+            "missing camera id",
+            pb.IngestRequest(request_id="no-cam", image=png_bytes(6)).SerializeToString(),
+            "CAMERA_ID_MISSING",
+        ),
         ("missing request id", request("", png_bytes(7)), "REQUEST_ID_INVALID"),
         ("hostile request id", request("../../etc/passwd", png_bytes(8)), "REQUEST_ID_INVALID"),
-        ("too much metadata", request("meta", png_bytes(9), metadata={f"k{i}": "v" for i in range(40)}),
-         "METADATA_INVALID"),
+        (
+            "too much metadata",
+            request("meta", png_bytes(9), metadata={f"k{i}": "v" for i in range(40)}),
+            "METADATA_INVALID",
+        ),
         ("not protobuf", b"\xff\xff\xff\xff\xff", "MESSAGE_MALFORMED"),
         ("truncated protobuf", request("cut", png_bytes(10))[:30], "MESSAGE_MALFORMED"),
         ("invalid utf-8 in a string", bad_utf8, "MESSAGE_MALFORMED"),
@@ -173,18 +179,36 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
         )
         checks: list[tuple[object, grpc.StatusCode, str]] = [
             (lambda: raw_get(b"\xff\xff\xff"), grpc.StatusCode.INVALID_ARGUMENT, "MESSAGE_MALFORMED"),
-            (lambda: stub.GetSample(pb.GetSampleRequest(sample_id=-5)), grpc.StatusCode.INVALID_ARGUMENT,
-             "SAMPLE_ID_INVALID"),
-            (lambda: stub.GetSample(pb.GetSampleRequest(sample_id=424242)), grpc.StatusCode.NOT_FOUND,
-             "SAMPLE_NOT_FOUND"),
-            (lambda: stub.Classify(pb.ClassifyRequest(image=png_bytes(1))), grpc.StatusCode.UNIMPLEMENTED,
-             "NOT_IMPLEMENTED_YET"),
-            (lambda: stub.SubmitCorrection(pb.SubmitCorrectionRequest()), grpc.StatusCode.UNIMPLEMENTED,
-             "NOT_IMPLEMENTED_YET"),
-            (lambda: list(stub.WatchAlerts(pb.WatchAlertsRequest())), grpc.StatusCode.UNIMPLEMENTED,
-             "NOT_IMPLEMENTED_YET"),
-            (lambda: list(stub.WatchUpdate(pb.WatchUpdateRequest())), grpc.StatusCode.UNIMPLEMENTED,
-             "NOT_IMPLEMENTED_YET"),
+            (
+                lambda: stub.GetSample(pb.GetSampleRequest(sample_id=-5)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "SAMPLE_ID_INVALID",
+            ),
+            (
+                lambda: stub.GetSample(pb.GetSampleRequest(sample_id=424242)),
+                grpc.StatusCode.NOT_FOUND,
+                "SAMPLE_NOT_FOUND",
+            ),
+            (
+                lambda: stub.Classify(pb.ClassifyRequest(image=png_bytes(1))),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "NOT_IMPLEMENTED_YET",
+            ),
+            (
+                lambda: stub.SubmitCorrection(pb.SubmitCorrectionRequest()),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "NOT_IMPLEMENTED_YET",
+            ),
+            (
+                lambda: list(stub.WatchAlerts(pb.WatchAlertsRequest())),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "NOT_IMPLEMENTED_YET",
+            ),
+            (
+                lambda: list(stub.WatchUpdate(pb.WatchUpdateRequest())),
+                grpc.StatusCode.UNIMPLEMENTED,
+                "NOT_IMPLEMENTED_YET",
+            ),
         ]
         for call, code, reason in checks:
             with pytest.raises(grpc.RpcError) as error:
@@ -199,6 +223,9 @@ def test_health_and_reflection_are_on(server: ServerHandle) -> None:
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "cl_service.v1.InspectionService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {"cl_service.v1.InspectionService", "grpc.health.v1.Health"} <= services

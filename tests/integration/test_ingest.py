@@ -24,7 +24,9 @@ def _store_of(server: ServerHandle) -> Store:
 
 
 def test_thousand_images_are_stored_and_read_back_byte_identical(server: ServerHandle) -> None:
-    images = [CameraImage(png_bytes(i), label="scratch" if i % 10 == 0 else "", request_id=f"r{i}") for i in range(1000)]
+    images = [
+        CameraImage(png_bytes(i), label="scratch" if i % 10 == 0 else "", request_id=f"r{i}") for i in range(1000)
+    ]
     results = list(CameraClient(server.target, "cam-1").stream(images))
 
     assert len(results) == 1000
@@ -81,7 +83,9 @@ def test_resend_after_a_broken_stream_stores_nothing_twice(server: ServerHandle)
 
 def test_identical_bytes_are_stored_once_but_each_capture_is_a_sample(server: ServerHandle) -> None:
     image = png_bytes(7)
-    results = list(CameraClient(server.target, "cam-d").stream([CameraImage(image, request_id=f"d{i}") for i in range(5)]))
+    results = list(
+        CameraClient(server.target, "cam-d").stream([CameraImage(image, request_id=f"d{i}") for i in range(5)])
+    )
     assert {r.status for r in results} == {"stored"}
     assert len({r.sample_id for r in results}) == 5
     counts = _store_of(server).counts()
@@ -112,7 +116,9 @@ def test_concurrent_streams_from_four_cameras(server: ServerHandle) -> None:
     assert _store_of(server).counts().samples == 600
 
 
-def test_a_slow_store_slows_the_camera_instead_of_buffering(server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_store_slows_the_camera_instead_of_buffering(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Backpressure: with a slow store, the server holds at most its window of unanswered messages per
     stream and stops reading the client, instead of buffering without limit."""
     window = server.running.core.settings.stream_max_in_flight

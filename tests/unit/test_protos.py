@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,21 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "protos"), f"--python_out={out}",
-         f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}",
-         *[str(p) for p in sorted((REPO / "protos" / "cl_service" / "v1").glob("*.proto"))]],
-        check=True, env=env, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(REPO / "protos"),
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
+            *[str(p) for p in sorted((REPO / "protos" / "cl_service" / "v1").glob("*.proto"))],
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
     )
     generated = sorted((out / "cl_service" / "v1").iterdir())
     assert generated
@@ -33,8 +45,7 @@ def test_every_service_rpc_message_and_enum_is_documented() -> None:
     lines = (REPO / "protos" / "cl_service" / "v1" / "inspection.proto").read_text().splitlines()
     undocumented = [
         line.strip()
-        for previous, line in zip(lines, lines[1:], strict=False)
-        if line.strip().startswith(("service ", "rpc ", "message ", "enum "))
-        and not previous.strip().startswith("//")
+        for previous, line in itertools.pairwise(lines)
+        if line.strip().startswith(("service ", "rpc ", "message ", "enum ")) and not previous.strip().startswith("//")
     ]
     assert undocumented == []

@@ -52,17 +52,35 @@ def test_operator_beats_camera_beats_pseudo_and_history_is_kept(tmp_path: Path) 
     store = _open(tmp_path)
     (stored,) = store.add_samples([_sample("x", b"x", label="scratch")])
     with store.engine.begin() as connection:
-        connection.execute(insert(Label.__table__), [  # type: ignore[attr-defined]
-            {"sample_id": stored.sample_id, "class_name": "scratch", "source": LabelSource.PSEUDO.value,
-             "confidence": 0.99, "model_version": "v1", "created_at": utcnow()},
-        ])
+        connection.execute(
+            insert(Label.__table__),
+            [  # type: ignore[attr-defined]
+                {
+                    "sample_id": stored.sample_id,
+                    "class_name": "scratch",
+                    "source": LabelSource.PSEUDO.value,
+                    "confidence": 0.99,
+                    "model_version": "v1",
+                    "created_at": utcnow(),
+                },
+            ],
+        )
     assert store.effective_label(stored.sample_id).source == LabelSource.CAMERA.value  # type: ignore[union-attr]
     store.add_samples([_sample("y", b"y", label="pit")])
     with store.engine.begin() as connection:
-        connection.execute(insert(Label.__table__), [  # type: ignore[attr-defined]
-            {"sample_id": stored.sample_id, "class_name": "pit", "source": LabelSource.OPERATOR.value,
-             "confidence": 1.0, "author": "ana", "created_at": utcnow()},
-        ])
+        connection.execute(
+            insert(Label.__table__),
+            [  # type: ignore[attr-defined]
+                {
+                    "sample_id": stored.sample_id,
+                    "class_name": "pit",
+                    "source": LabelSource.OPERATOR.value,
+                    "confidence": 1.0,
+                    "author": "ana",
+                    "created_at": utcnow(),
+                },
+            ],
+        )
     effective = store.effective_label(stored.sample_id)
     assert effective is not None and (effective.class_name, effective.source) == ("pit", "operator")
     assert [label.source for label in store.labels_of(stored.sample_id)] == ["operator", "pseudo", "camera"]
