@@ -1,0 +1,81 @@
+"""Simulated cameras and the command line against real servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cl_service.simulate.driver import SimulationConfig, run_simulation
+from cl_service.simulate.surface import SurfaceConfig
+from tests.conftest import ServerHandle
+
+pytestmark = pytest.mark.integration
+
+
+def test_synthetic_cameras_stream_labeled_and_unlabeled_images(server: ServerHandle) -> None:
+    config = SimulationConfig(
+        target=server.target,
+        cameras=2,
+        count=60,
+        labeled_fraction=0.5,
+        seed=3,
+        surface=SurfaceConfig(width=64, height=64, new_defect="crack", new_defect_after=30, new_defect_rate=0.5),
+        run_id="t",
+    )
+    seen: list[str] = []
+    summary = run_simulation(config, on_result=lambda _camera, result: seen.append(result.label))
+    assert summary.failures == []
+    assert summary.statuses["stored"] == 120 and summary.sent == 120
+    store = server.running.core.store
+    counts = store.counts()
+    assert counts.samples == 120
+    assert 30 <= 120 - counts.unlabeled <= 90  # about half carry their label
+    assert "crack" in store.class_names()  # the new defect type appeared after image 30
+
+    # The same run id resends the same images: nothing is stored twice.
+    again = run_simulation(config)
+    assert again.statuses["already_stored"] == 120
+    assert store.counts().samples == 120
+
+
+@pytest.mark.dataset
+def test_a_folder_of_real_defect_images_streams_with_its_class_names(server: ServerHandle, datasets: Path) -> None:
+    config = SimulationConfig(
+        target=server.target, cameras=2, count=40, labeled_fraction=1.0, images=datasets / "xsdd", run_id="x"
+    )
+    summary = run_simulation(config)
+    assert summary.failures == [] and summary.statuses["stored"] == 80
+    names = set(server.running.core.store.class_names())
+    assert names and names <= {
+        "finishing_roll_printing",
+        "iron_sheet_ash",
+        "oxide_scale_of_plate_system",
+        "oxide_scale_of_temperature_system",
+        "red_iron",
+        "slag_inclusion",
+        "surface_scratch",
+    }
+
+
+@pytest.mark.slow
+def test_the_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", "import sys; from cl_service.cli import main; sys.exit(main())"]
+    result = subprocess.run(
+        [*command, "demo", "--data-dir", str(tmp_path / "data"), "--count", "25", "--size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "50 durable, 0 rejected" in result.stdout
+    assert "store now holds 50 samples" in result.stdout
+    check = subprocess.run(
+        [*command, "check-store", "--data-dir", str(tmp_path / "data"), "--verify-bytes"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
