@@ -88,29 +88,32 @@ def channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grp
 
 
 class CameraClient:
-    """Streams a camera's images with a bounded window, reconnecting and resending on failure."""
+    """Streams a camera's images with a bounded window (at most `window` images and `window_bytes` bytes
+    unanswered), reconnecting and resending on failure."""
 
     def __init__(
         self,
         target: str,
         camera_id: str,
         *,
-        window: int = 64,
+        window: int = 256,
+        window_bytes: int = 64 << 20,
         max_reconnects: int = 20,
         backoff_s: tuple[float, float] = (0.1, 5.0),
     ) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        if window < 1 or window_bytes < 1:
+            raise ValueError("window and window_bytes must be at least 1")
         self.target = target
         self.camera_id = camera_id
         self.window = window
+        self.window_bytes = window_bytes
         self.max_reconnects = max_reconnects
         self.backoff_s = backoff_s
         self.reconnects = 0
 
     def stream(self, images: Iterable[CameraImage]) -> Iterator[IngestResult]:
         """Send every image; yield one result per image (in reply order, not send order)."""
-        state = _StreamState(iter(images), self.camera_id, self.window)
+        state = _StreamState(iter(images), self.camera_id, self.window, self.window_bytes)
         failures = 0
         while not state.finished():
             with channel(self.target) as chan:
@@ -150,10 +153,12 @@ class _StreamEndedError(Exception):
 class _StreamState:
     """What has been sent and not yet answered, shared by the request and reply sides of a stream."""
 
-    def __init__(self, source: Iterator[CameraImage], camera_id: str, window: int) -> None:
+    def __init__(self, source: Iterator[CameraImage], camera_id: str, window: int, window_bytes: int) -> None:
         self._source = source
         self._camera_id = camera_id
         self._window = window
+        self._window_bytes = window_bytes
+        self._outstanding_bytes = 0
         self._outstanding: OrderedDict[str, tuple[pb.IngestRequest, str]] = OrderedDict()
         self._exhausted = False
         self._changed = threading.Condition()
@@ -185,15 +190,18 @@ class _StreamState:
         yield from resend
         while True:
             with self._changed:
-                self._changed.wait_for(
-                    lambda: self._attempt != attempt or self._exhausted or len(self._outstanding) < self._window
-                )
+                self._changed.wait_for(lambda: self._attempt != attempt or self._exhausted or self._has_room())
                 if self._attempt != attempt or self._exhausted:
                     return
                 request = self._next_request()
                 if request is None:
                     return
             yield request
+
+    def _has_room(self) -> bool:
+        if not self._outstanding:
+            return True  # one image larger than the byte window still goes, alone
+        return len(self._outstanding) < self._window and self._outstanding_bytes < self._window_bytes
 
     def _next_request(self) -> pb.IngestRequest | None:
         try:
@@ -204,11 +212,14 @@ class _StreamState:
             return None
         request = _to_request(image, self._camera_id)
         self._outstanding[request.request_id] = (request, image.label)
+        self._outstanding_bytes += len(request.image)
         return request
 
     def answer(self, reply: pb.IngestReply) -> IngestResult | None:
         with self._changed:
             entry = self._outstanding.pop(reply.request_id, None)
+            if entry is not None:
+                self._outstanding_bytes -= len(entry[0].image)
             self._changed.notify_all()
         if entry is None:
             return None  # a late duplicate answer to a resent image

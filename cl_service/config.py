@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         0, ge=0, description="gRPC transport limit per message; 0: twice max_image_bytes plus 1 MiB."
     )
-    stream_max_in_flight: int = Field(64, ge=1, le=4096, description="Messages read ahead of replies per stream.")
+    stream_max_in_flight: int = Field(
+        256, ge=1, le=4096, description="Messages read ahead of replies per stream (bigger group commits)."
+    )
     ingest_max_in_flight_bytes: int = Field(
         512 * MIB, gt=0, description="Image bytes held in memory by all ingest streams together."
     )

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, case, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from replay_store.batch_sql import BatchSQL, batch_sql_for
 from replay_store.blobs import BlobCorruptError, BlobLocation, BlobStore
 from replay_store.db import create_store_engine, current_revision, head_revision, migrate
 from replay_store.models import (
@@ -75,9 +76,10 @@ class StoreCounts:
 class Store:
     """Opens (and migrates) the database and the blob folder; writes ingest batches durably."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore, *, batch_sql: BatchSQL | None = None) -> None:
         self.engine = engine
         self.blobs = blobs
+        self._batch_sql = batch_sql or batch_sql_for(engine.dialect.name)
 
     @classmethod
     def open(cls, database_url: str, blob_root: Path, *, migrate_schema: bool = True) -> Store:
@@ -155,62 +157,42 @@ class Store:
         return [result for result in results if result is not None]
 
     def _existing_keys(self, batch: Sequence[NewSample]) -> dict[tuple[str, str], tuple[int, str]]:
-        cameras = {item.camera_id for item in batch}
-        requests = {item.request_id for item in batch}
-        query = select(SAMPLES.c.id, SAMPLES.c.camera_id, SAMPLES.c.request_id, SAMPLES.c.sha256).where(
-            SAMPLES.c.camera_id.in_(cameras), SAMPLES.c.request_id.in_(requests)
-        )
         with self.engine.connect() as connection:
-            return {(cam, req): (sid, sha) for sid, cam, req, sha in connection.execute(query)}
+            return self._batch_sql.existing_samples(connection, SAMPLES, {(i.camera_id, i.request_id) for i in batch})
 
     def _insert_new(self, items: Sequence[NewSample]) -> list[int]:
         """Append unseen blobs (one fsync), then commit blob index, samples and labels together."""
         now = utcnow()
-        blob_table, sample_table = BLOBS, SAMPLES
+        sql = self._batch_sql
         with self.engine.begin() as connection:
-            shas = {item.sha256 for item in items}
-            known = set(connection.execute(select(blob_table.c.sha256).where(blob_table.c.sha256.in_(shas))).scalars())
+            known = sql.known_blobs(connection, BLOBS, {item.sha256 for item in items})
             unseen: dict[str, bytes] = {}
             for item in items:
                 if item.sha256 not in known:
                     unseen.setdefault(item.sha256, item.data)
             if unseen:
                 locations = self.blobs.append_many(list(unseen.items()))
-                connection.execute(
-                    insert(blob_table),
-                    [
-                        {
-                            "sha256": loc.sha256,
-                            "segment": loc.segment,
-                            "offset": loc.offset,
-                            "length": loc.length,
-                            "created_at": now,
-                        }
-                        for loc in locations
-                    ],
-                )
-            returned = connection.execute(
-                insert(sample_table).returning(sample_table.c.id, sort_by_parameter_order=True),
-                [_sample_row(item, now) for item in items],
-            )
-            ids = [row[0] for row in returned]
+                blob_rows = [
+                    {"sha256": loc.sha256, "segment": loc.segment, "offset": loc.offset, "length": loc.length}
+                    for loc in locations
+                ]
+                sql.insert_rows(connection, BLOBS, [{**row, "created_at": now} for row in blob_rows])
+            ids = sql.insert_samples(connection, SAMPLES, [_sample_row(item, now) for item in items])
             labeled = [(sid, item) for sid, item in zip(ids, items, strict=True) if item.label]
             if labeled:
                 self._ensure_classes(connection, {item.label for _, item in labeled if item.label}, now)
-                connection.execute(
-                    insert(LABELS),
-                    [
-                        {
-                            "sample_id": sid,
-                            "class_name": item.label,
-                            "source": LabelSource.CAMERA.value,
-                            "confidence": 1.0,
-                            "author": item.camera_id,
-                            "created_at": now,
-                        }
-                        for sid, item in labeled
-                    ],
-                )
+                label_rows = [
+                    {
+                        "sample_id": sid,
+                        "class_name": item.label,
+                        "source": LabelSource.CAMERA.value,
+                        "confidence": 1.0,
+                        "author": item.camera_id,
+                        "created_at": now,
+                    }
+                    for sid, item in labeled
+                ]
+                sql.insert_rows(connection, LABELS, label_rows)
         return ids
 
     @staticmethod

@@ -1,16 +1,21 @@
 """Image validation: what the service accepts as a camera image, checked before anything is stored.
 
 The header is read first, so that the size and pixel caps are enforced before any pixel is decoded
-(decompression bombs never get decoded). The image is then decoded once to prove it is complete: a
-truncated or corrupt file is refused here, not discovered later by the trainer. JPEGs are decoded at
-reduced scale (libjpeg still reads every entropy-coded block, so truncation is still caught).
+(decompression bombs never get decoded). The image is then checked to be complete: a truncated or
+corrupt file is refused here, not discovered later by the trainer. Most formats are decoded once; JPEGs
+at reduced scale (libjpeg still reads every entropy-coded block, so truncation is still caught). Plain
+PNGs (non-interlaced, one frame, no palette), the common camera format, are checked without unfiltering
+the pixels: every chunk's CRC, the zlib stream up to the declared size and every row's filter byte;
+what this accepts, Pillow's decoder decodes (a test holds it to that), at about half the cost.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -66,7 +71,8 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
         image_format = SUPPORTED_FORMATS[image.format or ""]
         frames = int(getattr(image, "n_frames", 1))
         mode = image.mode
-        _decode_fully(image, width, height)
+        if not (image.format == "PNG" and frames == 1 and _check_plain_png(data)):
+            _decode_fully(image, width, height)
     return ImageInfo(image_format, width, height, mode, hashlib.sha256(data).hexdigest(), frames)
 
 
@@ -85,8 +91,62 @@ def _decode_fully(image: Image.Image, width: int, height: int) -> None:
         raise invalid("IMAGE_UNDECODABLE", f"the image cannot be decoded: {exc}") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (palette images: Pillow)
+
+
+def _check_plain_png(data: bytes) -> bool:
+    """Check a plain PNG completely without unfiltering its pixels; False when it is not a plain PNG.
+
+    Raises ServiceError for a truncated or corrupt file.
+    """
+    view = memoryview(data)
+    position, header, idat = len(PNG_SIGNATURE), b"", []
+    while True:
+        if position + 8 > len(data):
+            raise invalid("IMAGE_TRUNCATED", "the PNG file ends before its IEND chunk (truncated)")
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 8 + length
+        if end + 4 > len(data):
+            raise invalid("IMAGE_TRUNCATED", f"the PNG file ends inside its {kind!r} chunk (truncated)")
+        (crc,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(view[position + 4 : end]) != crc:
+            raise invalid("IMAGE_UNDECODABLE", f"the PNG chunk {kind!r} at byte {position} is corrupt (bad CRC)")
+        if kind == b"IHDR":
+            header = data[position + 8 : end]
+        elif kind == b"IDAT":
+            idat.append(view[position + 8 : end])
+        elif kind == b"IEND":
+            break
+        position = end + 4
+    if len(header) != 13:
+        return False
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if interlace != 0 or colour not in _PNG_CHANNELS:
+        return False
+    row = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
+    expected = row * height
+    inflater, parts, produced = zlib.decompressobj(), [], 0
+    try:
+        for chunk in idat:  # never past the declared size: data beyond it is ignored (as Pillow does), not inflated
+            if inflater.eof or produced >= expected:
+                break
+            parts.append(inflater.decompress(chunk, expected - produced))
+            produced += len(parts[-1])
+    except zlib.error as exc:
+        raise invalid("IMAGE_UNDECODABLE", f"the PNG pixel data cannot be decompressed: {exc}") from None
+    if produced < expected:
+        if inflater.eof:
+            raise invalid("IMAGE_UNDECODABLE", f"the PNG holds {produced:,} bytes of pixel data, not {expected:,}")
+        raise invalid("IMAGE_TRUNCATED", "the PNG pixel data stops before its end (truncated)")
+    pixels = b"".join(parts)
+    if max(pixels[::row]) > 4:
+        raise invalid("IMAGE_UNDECODABLE", "the PNG pixel data has a row with an unknown filter type")
+    return True
+
+
 MAGIC_NUMBERS = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (PNG_SIGNATURE, "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
     (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),

@@ -163,3 +163,26 @@ def test_a_slow_store_slows_the_camera_instead_of_buffering(
     transport_bytes = (lag - window) * len(image)
     assert transport_bytes <= 8 << 20, f"the client ran {lag} messages ahead with a window of {window}"
     assert lag < 200
+
+
+def test_the_camera_window_bounds_unanswered_bytes(server: ServerHandle) -> None:
+    """A camera never has more than `window_bytes` unanswered (one image alone may exceed it)."""
+    images = [CameraImage(png_bytes(i, size=96), request_id=f"w{i}") for i in range(60)]
+    size = len(images[0].image)
+    camera = CameraClient(server.target, "cam-window", window=1000, window_bytes=3 * size)
+    sent = 0
+    most_unanswered = 0
+
+    def counted() -> Iterator[CameraImage]:
+        nonlocal sent, most_unanswered
+        for image in images:
+            sent += 1
+            most_unanswered = max(most_unanswered, sent - answered)
+            yield image
+
+    answered = 0
+    for result in camera.stream(counted()):
+        assert result.status == "stored"
+        answered += 1
+    assert answered == len(images)
+    assert 1 <= most_unanswered <= 4  # three images fill the byte window; the source is asked for one more

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -71,3 +73,89 @@ def test_mutated_real_images_are_accepted_or_clearly_rejected(data: st.DataObjec
         assert error.reason.startswith("IMAGE_")
     else:
         assert info.width * info.height <= LIMITS["max_pixels"]
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append((data[position + 4 : position + 8], data[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def _png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    out = [b"\x89PNG\r\n\x1a\n"]
+    for kind, body in chunks:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        out.append(len(body).to_bytes(4, "big") + kind + body + crc)
+    return b"".join(out)
+
+
+def _pillow_verdict(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:
+        return False
+    return True
+
+
+def _our_verdict(data: bytes) -> bool:
+    try:
+        inspect_image(data, **LIMITS)
+    except ServiceError as error:
+        assert error.code is ErrorCode.INVALID_ARGUMENT
+        return False
+    return True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_plain_png_check_agrees_with_pillow_on_corrupt_pixel_data(data: st.DataObject) -> None:
+    """What the fast PNG check (no unfiltering) accepts, Pillow's full decode decodes, even when the pixel data
+    is corrupted and every CRC is recomputed so that only the zlib stream or the rows are wrong; and it refuses
+    every file whose pixel data is short or has an unknown row filter."""
+    mode = data.draw(st.sampled_from(["L", "RGB", "RGBA"]))
+    chunks = _png_chunks(_encode("PNG", mode))
+    pixels = bytearray(zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT")))
+    how = data.draw(st.sampled_from(["filter_byte", "pixel_bytes", "compressed_bytes", "length", "split"]))
+    if how == "filter_byte":
+        pixels[0] = data.draw(st.integers(0, 255))
+        stream = zlib.compress(bytes(pixels))
+    elif how == "pixel_bytes":
+        pixels[data.draw(st.integers(0, len(pixels) - 1))] = data.draw(st.integers(0, 255))
+        stream = zlib.compress(bytes(pixels))
+    elif how == "length":
+        cut = data.draw(st.integers(-len(pixels) + 1, 64))
+        stream = zlib.compress(bytes(pixels[:cut]) if cut < 0 else bytes(pixels) + bytes(cut))
+    else:
+        stream = bytearray(zlib.compress(bytes(pixels)))
+        if how == "compressed_bytes":
+            stream[data.draw(st.integers(0, len(stream) - 1))] ^= data.draw(st.integers(1, 255))
+    stream = bytes(stream)
+    pieces = data.draw(st.integers(1, 4))  # the stream split over several IDAT chunks
+    size = -(-len(stream) // pieces)
+    idat = [(b"IDAT", stream[i : i + size]) for i in range(0, len(stream), size)]
+    rebuilt = [chunks[0], *idat, (b"IEND", b"")]
+    png = _png_from_chunks(rebuilt)
+    ours = _our_verdict(png)
+    if ours:
+        assert _pillow_verdict(png), how
+    if (how == "filter_byte" and pixels[0] > 4) or (how == "length" and cut < 0):
+        assert not ours, how
+
+
+def test_plain_png_bomb_in_many_idat_chunks_is_not_inflated() -> None:
+    chunks = _png_chunks(_encode("PNG", "L", (64, 64)))
+    bomb = zlib.compress(bytes(64 * 65 * 100_000))  # 100,000 times the declared pixels, in zeros: 400 MB
+    idat = [(b"IDAT", bomb[i : i + 100]) for i in range(0, len(bomb), 100)]
+    png = _png_from_chunks([chunks[0], *idat, (b"IEND", b"")])
+    tracemalloc.start()
+    try:
+        info = inspect_image(png, **LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.width, info.height) == (64, 64)  # what lies past the declared pixels is ignored, as Pillow does
+    assert peak < 4 * len(png)  # and never inflated

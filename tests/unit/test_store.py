@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlmodel import SQLModel
 
+from replay_store.batch_sql import BatchSQL, SqliteBatchSQL
 from replay_store.committer import GroupCommitter
 from replay_store.db import create_store_engine, current_revision, head_revision
 from replay_store.models import Label, LabelSource, utcnow
@@ -21,12 +25,14 @@ def _sample(request_id: str, data: bytes, camera: str = "cam", label: str | None
     return NewSample(camera, request_id, hashlib.sha256(data).hexdigest(), "png", 4, 4, data, label=label)
 
 
-def _open(tmp_path: Path) -> Store:
-    return Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs")
+def _open(tmp_path: Path, batch_sql: BatchSQL | None = None) -> Store:
+    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs")
+    return store if batch_sql is None else Store(store.engine, store.blobs, batch_sql=batch_sql)
 
 
-def test_batches_are_idempotent_by_camera_and_request_id(tmp_path: Path) -> None:
-    store = _open(tmp_path)
+@pytest.mark.parametrize("batch_sql", [BatchSQL(), SqliteBatchSQL()], ids=["generic", "sqlite"])
+def test_batches_are_idempotent_by_camera_and_request_id(tmp_path: Path, batch_sql: BatchSQL) -> None:
+    store = _open(tmp_path, batch_sql)
     first = store.add_samples([_sample("a", b"1"), _sample("b", b"2"), _sample("a", b"1")])
     assert [r.created for r in first] == [True, True, False]
     assert first[2].sample_id == first[0].sample_id
@@ -36,6 +42,36 @@ def test_batches_are_idempotent_by_camera_and_request_id(tmp_path: Path) -> None
     assert store.add_samples([_sample("a", b"changed")])[0].conflict
     assert store.counts().samples == 3
     store.close()
+
+
+def test_sqlite_batch_statements_write_exactly_what_the_generic_ones_write(tmp_path: Path) -> None:
+    when = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC)
+    batch = [
+        replace(_sample("a", b"1", label="scratch"), captured_at=when, metadata={"line": "3", "ü": '"quoted"'}),
+        replace(_sample("b", b"2"), captured_at=when),
+        replace(_sample("c", b"1", camera="cam-2", label="good"), captured_at=when),
+    ]
+    dumps = []
+    for name, batch_sql in (("generic", BatchSQL()), ("sqlite", SqliteBatchSQL())):
+        store = _open(tmp_path / name, batch_sql)
+        store.add_samples(batch)
+        with store.engine.connect() as connection:
+            dumps.append(
+                {
+                    table: [
+                        tuple(v for k, v in row._mapping.items() if k not in ("segment", "offset", "created_at"))
+                        for row in connection.execute(text(f"SELECT * FROM {table} ORDER BY 1"))
+                    ]
+                    for table in ("samples", "blobs", "labels", "classes")
+                }
+            )
+            stored_at = connection.execute(text("SELECT captured_at FROM samples WHERE request_id = 'a'")).scalar()
+        store.close()
+        assert stored_at == "2026-05-04 03:02:01.123456"
+    generic, sqlite = dumps
+    generic["samples"] = [row[:-2] + row[-1:] for row in generic["samples"]]  # received_at differs by run
+    sqlite["samples"] = [row[:-2] + row[-1:] for row in sqlite["samples"]]
+    assert generic == sqlite
 
 
 def test_identical_bytes_share_one_blob(tmp_path: Path) -> None:
