@@ -31,7 +31,8 @@ proto: $(STAMP)  ## regenerate the gRPC stubs from protos/
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
 
 bench: $(STAMP)  ## run every benchmark in bench/ and write bench/results/
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	for script in bench/[!_]*.py; do $(BIN)/python $$script || exit 1; done
+	$(BIN)/python scripts/bench_table.py
 
 clean:
 	rm -rf $(VENV) cl-data .pytest_cache .mypy_cache .ruff_cache
