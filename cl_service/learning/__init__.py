@@ -1,0 +1,1 @@
+"""The learning loop: models, pseudo-labels, replay, EWC, validation."""
