@@ -66,6 +66,45 @@ class StoredSample:
 
 
 @dataclass(frozen=True)
+class SnapshotRow:
+    """One sample as an update sees it: its blob and the label that counts (None: unlabeled)."""
+
+    sample_id: int
+    sha256: str
+    camera_id: str
+    label: str | None
+    source: LabelSource | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every sample up to `max_sample_id`, read in one transaction, ordered by sample id."""
+
+    rows: tuple[SnapshotRow, ...]
+    max_sample_id: int
+
+    @property
+    def human(self) -> list[SnapshotRow]:
+        """Samples labeled by an operator or a camera."""
+        return [r for r in self.rows if r.source in (LabelSource.OPERATOR, LabelSource.CAMERA)]
+
+    @property
+    def unlabeled(self) -> list[SnapshotRow]:
+        """Samples without a human label (pseudo-labeled ones included: the teacher labels them again)."""
+        return [r for r in self.rows if r.source not in (LabelSource.OPERATOR, LabelSource.CAMERA)]
+
+
+@dataclass(frozen=True)
+class PseudoLabel:
+    """A teacher's label for a sample that has no human label."""
+
+    sample_id: int
+    class_name: str
+    confidence: float
+    model_version: str
+
+
+@dataclass(frozen=True)
 class StoreCounts:
     samples: int
     unlabeled: int
@@ -196,14 +235,14 @@ class Store:
         return ids
 
     @staticmethod
-    def _ensure_classes(connection: Any, names: set[str], now: datetime) -> None:
+    def _ensure_classes(connection: Any, names: set[str], now: datetime, *, created_by: str = "camera") -> None:
         table = CLASSES
         known = set(connection.execute(select(table.c.name).where(table.c.name.in_(names))).scalars())
         missing = sorted(names - known)
         if missing:
             connection.execute(
                 insert(table),
-                [{"name": name, "created_at": now, "created_by": "camera", "source": "camera"} for name in missing],
+                [{"name": name, "created_at": now, "created_by": created_by, "source": created_by} for name in missing],
             )
 
     # ---------------------------------------------------------------------------------------- reads
@@ -254,6 +293,76 @@ class Store:
             for class_name, source, count in connection.execute(query):
                 counts.setdefault(class_name, {s.value: 0 for s in LabelSource})[source] = count
         return counts
+
+    def snapshot(self, *, up_to_sample_id: int | None = None) -> Snapshot:
+        """Every sample (up to a sample id) with its effective label, read in one transaction."""
+        ranked = self._effective_label_query().subquery()
+        query = (
+            select(SAMPLES.c.id, SAMPLES.c.sha256, SAMPLES.c.camera_id, ranked.c.class_name, ranked.c.source)
+            .select_from(SAMPLES.outerjoin(ranked, ranked.c.sample_id == SAMPLES.c.id))
+            .order_by(SAMPLES.c.id)
+        )
+        if up_to_sample_id is not None:
+            query = query.where(SAMPLES.c.id <= up_to_sample_id)
+        with self.engine.connect() as connection, connection.begin():
+            rows = tuple(
+                SnapshotRow(sid, sha, camera, label, LabelSource(source) if source else None)
+                for sid, sha, camera, label, source in connection.execute(query)
+            )
+        return Snapshot(rows, max((r.sample_id for r in rows), default=0))
+
+    def read_blobs(self, sha256s: Sequence[str], *, verify: bool = False) -> dict[str, bytes]:
+        """The bytes of many blobs (KeyError naming the first that no row refers to)."""
+        wanted = sorted(set(sha256s))
+        locations: dict[str, BlobLocation] = {}
+        with self.engine.connect() as connection:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                query = select(BLOBS.c.sha256, BLOBS.c.segment, BLOBS.c.offset, BLOBS.c.length).where(
+                    BLOBS.c.sha256.in_(chunk)
+                )
+                for sha, segment, offset, length in connection.execute(query):
+                    locations[sha] = BlobLocation(sha, segment, offset, length)
+        missing = [sha for sha in wanted if sha not in locations]
+        if missing:
+            raise KeyError(f"no blob {missing[0]} ({len(missing)} missing)")
+        return {sha: self.blobs.read(location, verify=verify) for sha, location in locations.items()}
+
+    def add_pseudo_labels(self, labels: Sequence[PseudoLabel]) -> int:
+        """Append teacher labels; samples that have a human label by now are skipped. Returns how many were added.
+
+        Pseudo-labels never replace a human label: they rank below camera and operator labels, and the
+        teacher is never asked about human-labeled samples in the first place.
+        """
+        if not labels:
+            return 0
+        now = utcnow()
+        human = (LabelSource.OPERATOR.value, LabelSource.CAMERA.value)
+        with self.engine.begin() as connection:
+            ids = sorted({label.sample_id for label in labels})
+            labeled: set[int] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                query = select(LABELS.c.sample_id).where(LABELS.c.sample_id.in_(chunk), LABELS.c.source.in_(human))
+                labeled.update(connection.execute(query).scalars())
+            rows = [
+                {
+                    "sample_id": label.sample_id,
+                    "class_name": label.class_name,
+                    "source": LabelSource.PSEUDO.value,
+                    "confidence": float(label.confidence),
+                    "model_version": label.model_version,
+                    "author": "teacher",
+                    "created_at": now,
+                }
+                for label in labels
+                if label.sample_id not in labeled
+            ]
+            if rows:
+                names = {label.class_name for label in labels if label.sample_id not in labeled}
+                self._ensure_classes(connection, names, now, created_by="teacher")
+                connection.execute(insert(LABELS), rows)
+        return len(rows)
 
     def effective_label(self, sample_id: int) -> Label | None:
         """The label that counts for a sample: operator > camera > pseudo, newest within a source."""

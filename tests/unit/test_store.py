@@ -18,7 +18,7 @@ from replay_store.batch_sql import BatchSQL, SqliteBatchSQL
 from replay_store.committer import GroupCommitter
 from replay_store.db import create_store_engine, current_revision, head_revision
 from replay_store.models import Label, LabelSource, utcnow
-from replay_store.store import NewSample, Store
+from replay_store.store import NewSample, PseudoLabel, Store
 
 
 def _sample(request_id: str, data: bytes, camera: str = "cam", label: str | None = None) -> NewSample:
@@ -188,3 +188,41 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_snapshot_reads_effective_labels_and_pseudo_labels_never_replace_human_ones(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    stored = store.add_samples(
+        [_sample("a", b"1", label="scratch"), _sample("b", b"2"), _sample("c", b"3"), _sample("d", b"4")]
+    )
+    a, b, c, d = (r.sample_id for r in stored)
+    added = store.add_pseudo_labels(
+        [
+            PseudoLabel(a, "good", 0.99, "v1"),  # a has a camera label: skipped
+            PseudoLabel(b, "pit", 0.97, "v1"),
+            PseudoLabel(c, "good", 0.96, "v1"),
+        ]
+    )
+    assert added == 2
+    with store.engine.begin() as connection:  # an operator corrects c after the teacher labeled it
+        connection.execute(
+            insert(Label),
+            [{"sample_id": c, "class_name": "scratch", "source": LabelSource.OPERATOR.value, "created_at": utcnow()}],
+        )
+    snapshot = store.snapshot()
+    by_id = {row.sample_id: row for row in snapshot.rows}
+    assert (by_id[a].label, by_id[a].source) == ("scratch", LabelSource.CAMERA)
+    assert (by_id[b].label, by_id[b].source) == ("pit", LabelSource.PSEUDO)
+    assert (by_id[c].label, by_id[c].source) == ("scratch", LabelSource.OPERATOR)
+    assert (by_id[d].label, by_id[d].source) == (None, None)
+    assert [r.sample_id for r in snapshot.human] == [a, c]
+    assert [r.sample_id for r in snapshot.unlabeled] == [b, d]
+    assert snapshot.max_sample_id == d
+    assert store.add_pseudo_labels([PseudoLabel(c, "good", 0.99, "v2")]) == 0  # c is human-labeled now
+    assert store.effective_label(c).class_name == "scratch"  # type: ignore[union-attr]
+    assert [r.sample_id for r in store.snapshot(up_to_sample_id=b).rows] == [a, b]
+    blobs = store.read_blobs([by_id[a].sha256, by_id[d].sha256])
+    assert blobs == {by_id[a].sha256: b"1", by_id[d].sha256: b"4"}
+    with pytest.raises(KeyError, match="no blob"):
+        store.read_blobs(["0" * 64])
+    store.close()
