@@ -10,7 +10,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, Table, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; everywhere else ids are 64-bit.
@@ -199,6 +211,45 @@ class AlertEvent(SQLModel, table=True):
     created_at: datetime = _time_column()
 
 
+class EmbeddingRow(SQLModel, table=True):
+    """The embedding of one sample under one embedding model: the truth the FAISS index file caches.
+
+    `vector` holds `dim` little-endian float32 values, as the model produced them (not normalised).
+    Keyed by (sample, model version), so a new backbone's embeddings can be written beside the live ones.
+    """
+
+    __tablename__ = "embeddings"
+    __table_args__ = (Index("ix_embeddings_model_version_sample", "model_version", "sample_id"),)
+
+    sample_id: int = Field(
+        sa_column=Column(ID_TYPE, ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    )
+    model_version: str = Field(sa_column=Column(String(64), primary_key=True))
+    dim: int
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _time_column()
+
+
+class ExemplarRow(SQLModel, table=True):
+    """A sample kept in the replay buffer, with the logits stored for it (DER++-style distillation).
+
+    `logits` holds float32 values in the order of `logits_classes`; both are NULL until set.
+    """
+
+    __tablename__ = "exemplars"
+
+    sample_id: int = Field(
+        sa_column=Column(ID_TYPE, ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    )
+    class_name: str = Field(sa_column=Column(String(64), ForeignKey("classes.name"), nullable=False, index=True))
+    strategy: str = Field(sa_column=Column(String(32), nullable=False))
+    model_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    selected_at: datetime = _time_column()
+    logits: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    logits_classes: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    logits_model_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+
+
 def _table(model: type[SQLModel]) -> Table:
     table = model.__table__  # type: ignore[attr-defined]
     assert isinstance(table, Table)
@@ -210,3 +261,5 @@ SAMPLES = _table(Sample)
 BLOBS = _table(Blob)
 CLASSES = _table(ClassInfo)
 LABELS = _table(Label)
+EMBEDDINGS = _table(EmbeddingRow)
+EXEMPLARS = _table(ExemplarRow)

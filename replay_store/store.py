@@ -284,7 +284,7 @@ class Store:
 
     def label_counts(self) -> dict[str, dict[str, int]]:
         """Per class, how many samples have their effective label from each source."""
-        ranked = self._effective_label_query().subquery()
+        ranked = self.effective_label_query().subquery()
         query = select(ranked.c.class_name, ranked.c.source, func.count()).group_by(
             ranked.c.class_name, ranked.c.source
         )
@@ -296,7 +296,7 @@ class Store:
 
     def snapshot(self, *, up_to_sample_id: int | None = None) -> Snapshot:
         """Every sample (up to a sample id) with its effective label, read in one transaction."""
-        ranked = self._effective_label_query().subquery()
+        ranked = self.effective_label_query().subquery()
         query = (
             select(SAMPLES.c.id, SAMPLES.c.sha256, SAMPLES.c.camera_id, ranked.c.class_name, ranked.c.source)
             .select_from(SAMPLES.outerjoin(ranked, ranked.c.sample_id == SAMPLES.c.id))
@@ -370,7 +370,7 @@ class Store:
         return max(labels, key=lambda label: (PRECEDENCE[LabelSource(label.source)], label.id or 0), default=None)
 
     @staticmethod
-    def _effective_label_query() -> Any:
+    def effective_label_query() -> Any:
         """One row per labeled sample: its effective label (a window over the append-only history)."""
         rank = case(*[(LABELS.c.source == source.value, value) for source, value in PRECEDENCE.items()], else_=0)
         numbered = select(
