@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="bring the store's schema to this version")
     _settings_flags(migrate)
 
+    update = commands.add_parser("update", help="run one incremental update now (teacher, replay + EWC, gate)")
+    _settings_flags(update)
+    update.add_argument("--epochs", type=int, help="passes over the update's new data (default 4)")
+    update.add_argument("--seed", type=int, help="seed of sampling, augmentation and initialisation (default 0)")
+
     check = commands.add_parser("check-store", help="check the database and that every blob is readable")
     _settings_flags(check)
     check.add_argument("--verify-bytes", action="store_true", help="also re-hash every blob")
@@ -156,6 +161,47 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     migrate(engine)
     print(f"store schema at revision {current_revision(engine)}")
     return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cl_service.learning.repository import ModelRepository
+    from cl_service.learning.update import UpdateSettings, UpdateSkippedError, run_update
+    from replay_store.store import Store
+
+    settings = _settings(args)
+    _logging(settings)
+    overrides = {key: value for key in ("epochs", "seed") if (value := getattr(args, key)) is not None}
+    update_settings = UpdateSettings(**overrides)
+    store = Store.open(settings.resolved_database_url, settings.blob_dir)
+    try:
+        repository = ModelRepository(settings.data_dir / "models", store)
+        columns = (TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.fields[note]}"))
+        with Progress(*columns, TimeRemainingColumn()) as bars:
+            tasks: dict[str, Any] = {}
+
+            def progress(stage: str, step: int, total: int, values: dict[str, float]) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bars.add_task(stage, total=max(total, 1), note="")
+                note = "  ".join(f"{k} {v:.3f}" for k, v in values.items())
+                bars.update(tasks[stage], completed=step, total=max(total, 1), note=note)
+
+            result = run_update(store, repository, update_settings, progress=progress)
+    except UpdateSkippedError as exc:
+        print(f"no update: {exc}")
+        return 0
+    finally:
+        store.close()
+    verdict = "accepted, now live" if result.accepted else "rejected; the live model stays"
+    print(f"{result.version} (parent {result.parent or 'none'}): {verdict}")
+    for reason in result.reasons:
+        print(f"  {reason}")
+    if result.candidate is not None:
+        print(f"  validation accuracy {result.candidate.accuracy:.1%}, macro-F1 {result.candidate.macro_f1:.1%}")
+    print("  " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    return 0 if result.accepted else 1
 
 
 def cmd_check_store(args: argparse.Namespace) -> int:
@@ -251,4 +297,5 @@ _COMMANDS = {
     "status": cmd_status,
     "migrate": cmd_migrate,
     "check-store": cmd_check_store,
+    "update": cmd_update,
 }

@@ -74,14 +74,19 @@ class SnapshotRow:
     camera_id: str
     label: str | None
     source: LabelSource | None
+    label_id: int = 0  # the effective label's row id (0: unlabeled); a correction gets a higher one
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every sample up to `max_sample_id`, read in one transaction, ordered by sample id."""
+    """Every sample up to `max_sample_id`, read in one transaction, ordered by sample id.
+
+    `max_label_id` is the newest label row the snapshot saw: the next update's watermark for corrections.
+    """
 
     rows: tuple[SnapshotRow, ...]
     max_sample_id: int
+    max_label_id: int = 0
 
     @property
     def human(self) -> list[SnapshotRow]:
@@ -298,7 +303,9 @@ class Store:
         """Every sample (up to a sample id) with its effective label, read in one transaction."""
         ranked = self.effective_label_query().subquery()
         query = (
-            select(SAMPLES.c.id, SAMPLES.c.sha256, SAMPLES.c.camera_id, ranked.c.class_name, ranked.c.source)
+            select(
+                SAMPLES.c.id, SAMPLES.c.sha256, SAMPLES.c.camera_id, ranked.c.class_name, ranked.c.source, ranked.c.id
+            )
             .select_from(SAMPLES.outerjoin(ranked, ranked.c.sample_id == SAMPLES.c.id))
             .order_by(SAMPLES.c.id)
         )
@@ -306,10 +313,11 @@ class Store:
             query = query.where(SAMPLES.c.id <= up_to_sample_id)
         with self.engine.connect() as connection, connection.begin():
             rows = tuple(
-                SnapshotRow(sid, sha, camera, label, LabelSource(source) if source else None)
-                for sid, sha, camera, label, source in connection.execute(query)
+                SnapshotRow(sid, sha, camera, label, LabelSource(source) if source else None, label_id or 0)
+                for sid, sha, camera, label, source, label_id in connection.execute(query)
             )
-        return Snapshot(rows, max((r.sample_id for r in rows), default=0))
+            max_label = connection.execute(select(func.coalesce(func.max(LABELS.c.id), 0))).scalar_one()
+        return Snapshot(rows, max((r.sample_id for r in rows), default=0), int(max_label))
 
     def read_blobs(self, sha256s: Sequence[str], *, verify: bool = False) -> dict[str, bytes]:
         """The bytes of many blobs (KeyError naming the first that no row refers to)."""
@@ -374,6 +382,7 @@ class Store:
         """One row per labeled sample: its effective label (a window over the append-only history)."""
         rank = case(*[(LABELS.c.source == source.value, value) for source, value in PRECEDENCE.items()], else_=0)
         numbered = select(
+            LABELS.c.id,
             LABELS.c.sample_id,
             LABELS.c.class_name,
             LABELS.c.source,
@@ -381,7 +390,9 @@ class Store:
             .over(partition_by=LABELS.c.sample_id, order_by=(rank.desc(), LABELS.c.id.desc()))
             .label("position"),
         ).subquery()
-        return select(numbered.c.sample_id, numbered.c.class_name, numbered.c.source).where(numbered.c.position == 1)
+        return select(numbered.c.id, numbered.c.sample_id, numbered.c.class_name, numbered.c.source).where(
+            numbered.c.position == 1
+        )
 
     def integrity_problems(self, *, verify_bytes: bool = False) -> list[str]:
         """Check the database and that every row's blob is present (and intact with verify_bytes)."""

@@ -1,0 +1,536 @@
+"""One incremental update: from what the store holds, a candidate that learns the new without forgetting the old.
+
+Stages, in order:
+1. snapshot: every sample with its effective label, read in one transaction; human labels split into train
+   and the fixed validation split (`data.split_validation`); what is new since the live version (its
+   watermark: the newest sample and label it saw) is what this update learns from.
+2. teacher: the live model with test-time augmentation labels the new unlabeled samples; adaptive per-class
+   thresholds decide which labels are kept; kept ones are stored as pseudo-labels (below any human label).
+3. train: the student starts from the live model (its head grown for new classes) and minimises
+   cross-entropy on the new human labels (class-balanced batches, weak augmentation), cross-entropy on the
+   pseudo-labels under strong augmentation (FixMatch), replay of the exemplars with their stored logits
+   (DER++: cross-entropy + logit matching), and the online-EWC penalty of every earlier update.
+4. gate: candidate and live model are scored on the same validation images; a regression beyond the
+   tolerance on any old class (or in macro-F1) rejects the candidate, with the reason recorded.
+5. accepted: exemplars re-selected within the budget (new ones get the candidate's logits), embeddings
+   written and the FAISS index built, the EWC Fisher folded in, the version recorded live.
+
+Cold start (no live version): the first model is trained from the pretrained backbone once enough human
+labels exist (`cold_start_min_per_class` for `cold_start_min_classes` classes).
+Cost stays flat as history grows: an update touches the new samples, the exemplars (a fixed budget) and
+the validation split, never the whole history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's convention
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from cl_service.learning.data import (
+    ImageTensors,
+    balanced_batches,
+    shuffled_batches,
+    split_validation,
+    to_unit,
+)
+from cl_service.learning.ewc import OnlineEWC
+from cl_service.learning.metrics import Metrics, compare, evaluate
+from cl_service.learning.model import InspectionModel, ModelConfig, save_checkpoint
+from cl_service.learning.pseudo import AdaptiveThresholds, PseudoLabeler, strong_augment, tta_probs, weak_augment
+from cl_service.learning.repository import (
+    CHECKPOINT,
+    EWC_STATE,
+    REPORT,
+    TEACHER_STATE,
+    ModelRepository,
+    read_json,
+    write_json,
+)
+from replay_store.exemplars import Candidate, Exemplar, ReplayBuffer
+from replay_store.replay_index import ReplayIndex, write_embeddings
+from replay_store.store import PseudoLabel, SnapshotRow, Store
+
+log = logging.getLogger(__name__)
+
+REPLAY_INDEX = "replay.faiss"
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+class UpdateSettings(BaseModel):
+    """How an update trains and judges a candidate (`[update]` in the config file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone, input size, pretrained start.")
+    epochs: int = Field(4, ge=1, description="Passes over the update's new data.")
+    batch_size: int = Field(32, ge=2, description="Images per batch of each kind (labeled, pseudo, replay).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the backbone.")
+    head_lr_factor: float = Field(10.0, gt=0, description="The classifier head learns this many times faster.")
+    backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")
+    replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
+    replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
+    der_alpha: float = Field(0.3, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
+    der_beta: float = Field(0.5, ge=0, description="Weight of cross-entropy on the exemplars (DER++).")
+    ewc_lambda: float = Field(100.0, ge=0, description="Online-EWC penalty weight.")
+    ewc_decay: float = Field(0.5, gt=0, le=1, description="How much of the running Fisher each update keeps.")
+    ewc_max_images: int = Field(512, ge=1, description="Images used to estimate the Fisher after an update.")
+    pseudo_weight: float = Field(1.0, ge=0, description="Weight of the pseudo-label loss; 0 turns the teacher off.")
+    pseudo_per_class: str = Field("confidence", description="Per-class threshold statistic: confidence/probability.")
+    pseudo_floor: float = Field(0.7, gt=0, le=1, description="Lowest per-class confidence threshold.")
+    pseudo_ceiling: float = Field(0.99, gt=0, le=1, description="Highest per-class confidence threshold.")
+    max_unlabeled: int = Field(2000, ge=0, description="Newest unlabeled samples the teacher looks at per update.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of human-labeled images held out (by hash).")
+    gate_tolerance: float = Field(0.02, ge=0, description="Allowed drop (0.02 = 2 points) on an old class/macro-F1.")
+    gate_min_support: int = Field(10, ge=1, description="Validation images an old class needs to be gated.")
+    cold_start_min_per_class: int = Field(5, ge=1, description="Human labels a class needs before the first model.")
+    cold_start_min_classes: int = Field(2, ge=1, description="Classes with enough labels before the first model.")
+    cold_start_min_accuracy: float = Field(0.5, ge=0, le=1, description="Validation accuracy the first model needs.")
+    seed: int = Field(0, description="Seed of sampling, augmentation and initialisation.")
+    threads: int = Field(0, ge=0, description="torch threads for training (0: torch's default).")
+
+
+class UpdateSkippedError(Exception):
+    """Nothing was trained: not enough labels yet, or nothing new since the live version."""
+
+
+@dataclass
+class UpdateResult:
+    """What one update produced."""
+
+    version: str
+    parent: str | None
+    accepted: bool
+    reasons: list[str]
+    candidate: Metrics | None
+    live: Metrics | None
+    counts: dict[str, int]
+    timings: dict[str, float]
+    pseudo_accepted: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Set:
+    """Training images of one kind, decoded, with their integer targets."""
+
+    rows: list[SnapshotRow]
+    images: Tensor
+    targets: Tensor
+    logits: list[Tensor | None] = field(default_factory=list)  # stored exemplar logits (replay only)
+    looked_at: int = 0  # unlabeled images the teacher judged (pseudo only)
+
+
+def run_update(
+    store: Store, repository: ModelRepository, settings: UpdateSettings, *, progress: Progress | None = None
+) -> UpdateResult:
+    """Run one update to the end; raises UpdateSkippedError when there is nothing to train on."""
+    report = progress or (lambda stage, step, total, values: None)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    threads = contextlib.nullcontext() if not settings.threads else _torch_threads(settings.threads)
+    with threads:
+        return _run(store, repository, settings, report, generator, timings, lap)
+
+
+def _run(
+    store: Store,
+    repository: ModelRepository,
+    settings: UpdateSettings,
+    report: Progress,
+    generator: torch.Generator,
+    timings: dict[str, float],
+    lap: Callable[[str], None],
+) -> UpdateResult:
+    live_row = repository.live()
+    snapshot = store.snapshot()
+    human_train, validation = split_validation(snapshot.human, settings.val_fraction)
+    watermark: dict[str, int] = dict(live_row.metrics.get("watermark", {})) if live_row else {}
+    new_labeled = [r for r in human_train if r.label_id > watermark.get("label_id", 0)]
+    new_unlabeled = [r for r in snapshot.unlabeled if r.sample_id > watermark.get("sample_id", 0)]
+    new_unlabeled = new_unlabeled[-settings.max_unlabeled :] if settings.max_unlabeled else []
+    by_id = {row.sample_id: row for row in snapshot.rows}
+
+    teacher: InspectionModel | None = None
+    if live_row is None:
+        per_class = Counter(row.label for row in human_train)
+        ready = sorted(c for c, n in per_class.items() if c and n >= settings.cold_start_min_per_class)
+        if len(ready) < settings.cold_start_min_classes:
+            have = ", ".join(f"{name}: {n}" for name, n in sorted(per_class.items()) if name) or "none"
+            raise UpdateSkippedError(
+                f"cold start needs {settings.cold_start_min_per_class} human labels in "
+                f"{settings.cold_start_min_classes} classes; training labels per class now: {have}"
+            )
+        model = InspectionModel(settings.model, sorted(c for c in per_class if c))
+        ewc = OnlineEWC(settings.ewc_lambda, settings.ewc_decay)
+        thresholds = _new_thresholds(model.classes, settings)
+        exemplars: list[Exemplar] = []
+    else:
+        if not new_labeled and not new_unlabeled:
+            raise UpdateSkippedError(f"nothing new since {live_row.version}: no new labels and no new images")
+        folder = repository.folder(live_row.version)
+        model = repository.load_model(live_row.version)
+        teacher = repository.load_model(live_row.version).eval()
+        ewc = OnlineEWC.load(folder / EWC_STATE) if (folder / EWC_STATE).exists() else OnlineEWC()
+        ewc.ewc_lambda, ewc.decay = settings.ewc_lambda, settings.ewc_decay
+        state = folder / TEACHER_STATE
+        if state.exists():
+            thresholds = AdaptiveThresholds.from_state(read_json(state))
+        else:
+            thresholds = _new_thresholds(model.classes, settings)
+        new_classes = sorted({r.label for r in human_train if r.label} - set(model.classes))
+        model.grow(new_classes)
+        thresholds.add_classes(new_classes)
+        exemplars = ReplayBuffer(store, settings.replay_budget).load()
+    classes = list(model.classes)
+    index_of = {name: i for i, name in enumerate(classes)}
+    images = ImageTensors(store, model.config)
+    lap("snapshot")
+
+    pseudo_rows: list[SnapshotRow] = []
+    pseudo_targets: list[int] = []
+    if teacher is not None and new_unlabeled and settings.pseudo_weight > 0:
+        assert live_row is not None
+        report("teacher", 0, len(new_unlabeled), {})
+        probs = _predict(teacher, images, new_unlabeled, tta=True)
+        probs = F.pad(probs, (0, len(classes) - probs.shape[1]))  # the teacher never predicts the new classes
+        labels = PseudoLabeler(thresholds, teacher_version=live_row.version).label(probs)
+        kept = [(row, label) for row, label in zip(new_unlabeled, labels, strict=True) if label is not None]
+        store.add_pseudo_labels(
+            [PseudoLabel(row.sample_id, label.class_name, label.confidence, live_row.version) for row, label in kept]
+        )
+        pseudo_rows = [row for row, _ in kept]
+        pseudo_targets = [index_of[label.class_name] for _, label in kept]
+        report("teacher", len(new_unlabeled), len(new_unlabeled), {"accepted": float(len(kept))})
+    lap("teacher")
+
+    labeled = _labeled_set(images, new_labeled if live_row else human_train, index_of)
+    pseudo = _Set(
+        pseudo_rows,
+        images.load(pseudo_rows),
+        torch.tensor(pseudo_targets, dtype=torch.long),
+        looked_at=len(new_unlabeled),
+    )
+    replay = _replay_set(images, exemplars, by_id, index_of)
+    lap("decode")
+
+    _train(model, labeled, pseudo, replay, ewc, images, settings, generator, report)
+    lap("train")
+
+    report("validate", 0, len(validation), {})
+    y_true = [index_of[row.label] for row in validation if row.label in index_of]
+    rows_val = [row for row in validation if row.label in index_of]
+    candidate_metrics = _score(model, images, rows_val, y_true, classes)
+    live_metrics = _score(teacher, images, rows_val, y_true, classes) if teacher is not None else None
+    if candidate_metrics is not None and live_metrics is not None and teacher is not None:
+        decision = compare(
+            candidate_metrics,
+            live_metrics,
+            old_classes=list(teacher.classes),
+            tolerance=settings.gate_tolerance,
+            min_support=settings.gate_min_support,
+        )
+        accepted, reasons = decision.accepted, list(decision.reasons) + list(decision.notes)
+    elif candidate_metrics is None:
+        accepted, reasons = True, ["no validation images yet: the first model is accepted unscored"]
+    else:
+        accepted = candidate_metrics.accuracy >= settings.cold_start_min_accuracy
+        reasons = [
+            f"first model: validation accuracy {candidate_metrics.accuracy:.1%} "
+            f"({'at least' if accepted else 'below'} {settings.cold_start_min_accuracy:.0%})"
+        ]
+    lap("validate")
+
+    parent = live_row.version if live_row else None
+    version = repository.next_version()
+    folder = repository.folder(version)
+    folder.mkdir(parents=True, exist_ok=False)
+    save_checkpoint(folder / CHECKPOINT, model, version=version, parent_version=parent)
+    pseudo_counts: dict[str, int] = dict(Counter(classes[t] for t in pseudo_targets))
+    counts = {
+        "samples": len(snapshot.rows),
+        "human_train": len(human_train),
+        "validation": len(rows_val),
+        "new_labeled": len(labeled.rows),
+        "new_unlabeled": len(new_unlabeled),
+        "pseudo_accepted": len(pseudo_rows),
+        "replayed": len(replay.rows),
+    }
+    if accepted:
+        report("consolidate", 0, 1, {})
+        _after_acceptance(store, model, version, folder, images, labeled, replay, new_unlabeled, ewc, settings)
+        write_json(folder / TEACHER_STATE, thresholds.state_dict())
+        lap("consolidate")
+    metrics: dict[str, Any] = {
+        "candidate": candidate_metrics.to_dict() if candidate_metrics else None,
+        "live": live_metrics.to_dict() if live_metrics else None,
+        "gate": {"accepted": accepted, "reasons": reasons, "tolerance": settings.gate_tolerance},
+        "watermark": {"sample_id": snapshot.max_sample_id, "label_id": snapshot.max_label_id},
+        "counts": counts,
+        "pseudo_accepted": pseudo_counts,
+        "timings": timings,
+        "settings": settings.model_dump(mode="json"),
+    }
+    write_json(folder / REPORT, metrics)
+    repository.record(
+        version,
+        parent=parent,
+        accepted=accepted,
+        model=model,
+        metrics=metrics,
+        reason="; ".join(reasons),
+        make_live=accepted,
+    )
+    log.info("update %s -> %s: %s (%s)", parent, version, "accepted" if accepted else "rejected", "; ".join(reasons))
+    return UpdateResult(
+        version, parent, accepted, reasons, candidate_metrics, live_metrics, counts, timings, pseudo_counts
+    )
+
+
+def _new_thresholds(classes: Sequence[str], settings: UpdateSettings) -> AdaptiveThresholds:
+    per_class = settings.pseudo_per_class
+    if per_class not in ("confidence", "probability"):
+        raise ValueError(f"pseudo_per_class must be 'confidence' or 'probability', got {per_class!r}")
+    return AdaptiveThresholds(
+        classes,
+        floor=settings.pseudo_floor,
+        ceiling=settings.pseudo_ceiling,
+        per_class=per_class,  # type: ignore[arg-type]  # checked above
+    )
+
+
+def _labeled_set(images: ImageTensors, rows: list[SnapshotRow], index_of: dict[str, int]) -> _Set:
+    rows = [row for row in rows if row.label in index_of]
+    targets = torch.tensor([index_of[row.label or ""] for row in rows], dtype=torch.long)
+    return _Set(rows, images.load(rows), targets)
+
+
+def _replay_set(
+    images: ImageTensors, exemplars: Sequence[Exemplar], by_id: dict[int, SnapshotRow], index_of: dict[str, int]
+) -> _Set:
+    rows: list[SnapshotRow] = []
+    targets: list[int] = []
+    logits: list[Tensor | None] = []
+    for exemplar in exemplars:
+        row = by_id.get(exemplar.sample_id)
+        label = row.label if row is not None and row.label else exemplar.class_name
+        if row is None or label not in index_of:
+            continue
+        rows.append(row)
+        targets.append(index_of[label])
+        stored = exemplar.logits
+        known = exemplar.logits_classes
+        usable = stored is not None and known is not None and list(known) == list(index_of)[: len(known)]
+        logits.append(torch.as_tensor(np.asarray(stored), dtype=torch.float32) if usable else None)
+    return _Set(rows, images.load(rows), torch.tensor(targets, dtype=torch.long), logits)
+
+
+def _train(
+    model: InspectionModel,
+    labeled: _Set,
+    pseudo: _Set,
+    replay: _Set,
+    ewc: OnlineEWC,
+    images: ImageTensors,
+    settings: UpdateSettings,
+    generator: torch.Generator,
+    report: Progress,
+) -> None:
+    size = settings.batch_size
+    driving = max(len(labeled.rows), len(pseudo.rows))
+    per_epoch = max(1, math.ceil(driving / size))
+    steps = settings.epochs * per_epoch
+    warmup = per_epoch if settings.backbone_warmup else 0
+    optimiser = torch.optim.Adam(
+        [
+            {"params": list(model.backbone.parameters()), "lr": settings.lr},
+            {"params": list(model.head.parameters()), "lr": settings.lr * settings.head_lr_factor},
+        ]
+    )
+    # The backbone's learning rate ramps up over the first epoch while the head learns at full rate: early
+    # gradients through a fresh (or grown) head are noise that would otherwise wreck pretrained features.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, [lambda step: min(1.0, (step + 1) / (warmup + 1)), lambda step: 1.0]
+    )
+    model.train()
+    _freeze_batch_norm_statistics(model)
+    labeled_batches = _batches(labeled, size, steps, generator, balanced=True)
+    pseudo_batches = _batches(pseudo, size, steps, generator, balanced=True)
+    # FixMatch averages over every unlabeled image, rejected ones counting zero: weigh the accepted by their share.
+    pseudo_share = len(pseudo.rows) / max(1, pseudo.looked_at)
+    replay_batches = _batches(replay, size, steps, generator, balanced=True)
+    for step in range(1, steps + 1):
+        parts: list[tuple[str, Tensor, Tensor]] = []
+        for name, data, batches, augment in (
+            ("labeled", labeled, labeled_batches, weak_augment),
+            ("pseudo", pseudo, pseudo_batches, strong_augment),
+            ("replay", replay, replay_batches, weak_augment),
+        ):
+            chosen = next(batches, None)
+            if chosen is not None:
+                with _torch_threads(1):  # per-image ops: one thread is several times faster than two
+                    view = augment(to_unit(data.images[chosen]), generator)
+                parts.append((name, view, chosen))
+        if not parts:
+            break
+        logits = model(images.normalise(torch.cat([view for _, view, _ in parts])))
+        losses: dict[str, Tensor] = {}
+        start = 0
+        for name, view, chosen in parts:
+            part = logits[start : start + len(view)]
+            start += len(view)
+            data = {"labeled": labeled, "pseudo": pseudo, "replay": replay}[name]
+            loss = F.cross_entropy(part, data.targets[chosen])
+            if name == "pseudo":
+                loss = settings.pseudo_weight * pseudo_share * loss
+            elif name == "replay":
+                loss = settings.der_beta * loss
+                matched = _logit_matching(part, [data.logits[i] for i in chosen.tolist()])
+                if matched is not None:
+                    losses["distill"] = settings.der_alpha * matched
+            losses[name] = loss
+        if ewc.consolidated and settings.ewc_lambda > 0:
+            losses["ewc"] = ewc.penalty(model)
+        total = torch.stack(list(losses.values())).sum()
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        schedule.step()
+        report("train", step, steps, {"loss": float(total), **{k: float(v) for k, v in losses.items()}})
+    model.eval()
+
+
+def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Keep BatchNorm on its running statistics while training (its scale and shift still learn).
+
+    Updates see small batches of few classes; statistics re-estimated from them drift with every update
+    and swing the features of old classes (a known source of forgetting), and they never settle in a
+    few hundred steps. The pretrained statistics are a steadier reference.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def _batches(data: _Set, size: int, steps: int, generator: torch.Generator, *, balanced: bool) -> Iterator[Tensor]:
+    if balanced:
+        return balanced_batches(data.targets.tolist(), size, steps, generator)
+    return shuffled_batches(len(data.rows), size, steps, generator)
+
+
+def _logit_matching(logits: Tensor, stored: list[Tensor | None]) -> Tensor | None:
+    """DER++'s term: mean squared error between current and stored logits, over the stored classes."""
+    pairs = [(i, s) for i, s in enumerate(stored) if s is not None]
+    if not pairs:
+        return None
+    errors = [F.mse_loss(logits[i, : len(s)], s) for i, s in pairs]
+    return torch.stack(errors).mean()
+
+
+@torch.no_grad()
+def _predict(model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow], *, tta: bool) -> Tensor:
+    model.eval()
+    out: list[Tensor] = []
+    for start in range(0, len(rows), 64):
+        batch = images.normalise(to_unit(images.load(rows[start : start + 64])))
+        out.append(tta_probs(model, batch) if tta else torch.softmax(model(batch), dim=1))
+    return torch.cat(out) if out else torch.empty((0, model.num_classes))
+
+
+def _score(
+    model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow], y_true: list[int], classes: list[str]
+) -> Metrics | None:
+    if not rows:
+        return None
+    predicted = _predict(model, images, rows, tta=False).argmax(dim=1).tolist()
+    return evaluate(y_true, predicted, classes)
+
+
+def _after_acceptance(
+    store: Store,
+    model: InspectionModel,
+    version: str,
+    folder: Path,
+    images: ImageTensors,
+    labeled: _Set,
+    replay: _Set,
+    new_unlabeled: list[SnapshotRow],
+    ewc: OnlineEWC,
+    settings: UpdateSettings,
+) -> None:
+    """Exemplars, embeddings and the FAISS index, the EWC Fisher: what the next update builds on."""
+    rows = {row.sample_id: row for row in [*labeled.rows, *replay.rows, *new_unlabeled]}
+    ordered = list(rows.values())
+    embeddings, logits = _embed(model, images, ordered)
+    ids = np.array([row.sample_id for row in ordered], dtype=np.int64)
+    if len(ids):
+        write_embeddings(store, ids, embeddings.numpy(), version)
+    ReplayIndex.open(store, folder / REPLAY_INDEX, version, dim=model.embedding_dim)
+
+    position = {row.sample_id: i for i, row in enumerate(ordered)}
+    candidates = [
+        Candidate(row.sample_id, row.label or "", embeddings[position[row.sample_id]].numpy())
+        for row in [*replay.rows, *labeled.rows]
+        if row.label
+    ]
+    buffer = ReplayBuffer(store, settings.replay_budget)
+    buffer.refresh(candidates, strategy=settings.replay_strategy, seed=settings.seed, model_version=version)
+    missing = [i for i in buffer.missing_logits() if i in position]
+    if missing:
+        buffer.set_logits({i: logits[position[i]].numpy() for i in missing}, list(model.classes), model_version=version)
+
+    fisher_rows = [*labeled.rows, *replay.rows][: settings.ewc_max_images]
+    targets = torch.cat([labeled.targets, replay.targets])[: settings.ewc_max_images]
+    if fisher_rows and settings.ewc_lambda > 0:
+        data = images.normalise(to_unit(images.load(fisher_rows)))
+        batches = [
+            (data[i : i + settings.batch_size], targets[i : i + settings.batch_size])
+            for i in range(0, len(fisher_rows), settings.batch_size)
+        ]
+        ewc.consolidate(model, batches)
+    ewc.save(folder / EWC_STATE)
+
+
+@torch.no_grad()
+def _embed(model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow]) -> tuple[Tensor, Tensor]:
+    model.eval()
+    embeddings: list[Tensor] = []
+    logits: list[Tensor] = []
+    for start in range(0, len(rows), 64):
+        batch = images.normalise(to_unit(images.load(rows[start : start + 64])))
+        embedding, logit = model.forward_features_and_logits(batch)
+        embeddings.append(F.normalize(embedding.float(), dim=1))
+        logits.append(logit.float())
+    if not embeddings:
+        return torch.empty((0, model.embedding_dim)), torch.empty((0, model.num_classes))
+    return torch.cat(embeddings), torch.cat(logits)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,117 @@
+"""The update loop on a real SQLite store with simulated camera images and a real (tiny) training run."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cl_service.learning.data import in_validation
+from cl_service.learning.model import ModelConfig
+from cl_service.learning.repository import CHECKPOINT, EWC_STATE, REPORT, ModelRepository
+from cl_service.learning.update import REPLAY_INDEX, UpdateSettings, UpdateSkippedError, run_update
+from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
+from replay_store.exemplars import ReplayBuffer
+from replay_store.models import LabelSource
+from replay_store.replay_index import ReplayIndex
+from replay_store.store import NewSample, Store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SETTINGS = UpdateSettings(
+    model=ModelConfig(image_size=64),
+    epochs=5,
+    lr=3e-4,
+    batch_size=16,
+    replay_budget=12,
+    cold_start_min_per_class=4,
+    gate_min_support=3,
+    threads=2,
+)
+
+
+def _ingest(store: Store, classes: tuple[str, ...], count: int, *, start: int, labeled_every: int) -> None:
+    generator = SurfaceGenerator(SurfaceConfig(width=64, height=64, classes=classes, seed=start))
+    batch = []
+    for image in generator.stream(0, count):
+        data = encode_image(image.pixels)
+        labeled = image.index % labeled_every == 0
+        batch.append(
+            NewSample(
+                "cam-1",
+                f"r{start + image.index}",
+                hashlib.sha256(data).hexdigest(),
+                "png",
+                64,
+                64,
+                data,
+                label=image.label if labeled else None,
+            )
+        )
+    store.add_samples(batch)
+
+
+def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    repository = ModelRepository(tmp_path / "models", store)
+
+    with pytest.raises(UpdateSkippedError, match="cold start needs"):
+        run_update(store, repository, SETTINGS)
+
+    _ingest(store, ("good", "scratch"), 100, start=0, labeled_every=1)
+    first = run_update(store, repository, SETTINGS)
+    assert first.accepted, first.reasons
+    assert first.parent is None and first.version == "v0001"
+    assert first.candidate is not None and first.candidate.n >= 10
+    assert first.candidate.accuracy >= 0.8, first.candidate.to_dict()  # scratches are easy to see
+    live = repository.live()
+    assert live is not None and live.version == "v0001" and live.classes == ["good", "scratch"]
+    folder = repository.folder("v0001")
+    assert all((folder / name).exists() for name in (CHECKPOINT, EWC_STATE, REPORT, REPLAY_INDEX))
+    buffer = ReplayBuffer(store, SETTINGS.replay_budget)
+    assert 0 < len(buffer) <= SETTINGS.replay_budget
+    assert not buffer.missing_logits()
+    validation = {row.sample_id for row in store.snapshot().human if in_validation(row.sha256, SETTINGS.val_fraction)}
+    assert not validation & buffer.sample_ids()  # validation images are never replayed
+
+    with pytest.raises(UpdateSkippedError, match="nothing new"):
+        run_update(store, repository, SETTINGS)
+
+    # A new defect appears: a few labeled, most not; the teacher labels the unlabeled known ones.
+    _ingest(store, ("good", "scratch", "pit"), 60, start=1000, labeled_every=2)
+    second = run_update(store, repository, SETTINGS)
+    assert second.parent == "v0001"
+    assert second.candidate is not None and "pit" in second.candidate.classes
+    assert second.live is not None
+    assert second.counts["replayed"] > 0
+    row = repository.get(second.version)
+    assert row is not None and row.state == ("accepted" if second.accepted else "rejected")
+    assert row.metrics["gate"]["reasons"] == second.reasons
+    if second.accepted:
+        assert repository.live().version == second.version  # type: ignore[union-attr]
+        assert repository.load_model(second.version).classes == ("good", "scratch", "pit")
+        index = ReplayIndex.open(store, repository.folder(second.version) / REPLAY_INDEX, second.version)
+        assert len(index) > 0
+    # pseudo-labels only ever landed on samples without a human label
+    for snapshot_row in store.snapshot().rows:
+        if snapshot_row.source is LabelSource.PSEUDO:
+            labels = store.labels_of(snapshot_row.sample_id)
+            assert {label.source for label in labels} == {"pseudo"}
+    store.close()
+
+
+def test_the_gate_rejects_a_damaged_candidate_and_the_live_model_stays(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    repository = ModelRepository(tmp_path / "models", store)
+    _ingest(store, ("good", "scratch"), 60, start=0, labeled_every=1)
+    assert run_update(store, repository, SETTINGS).accepted
+    _ingest(store, ("good", "scratch"), 30, start=1000, labeled_every=1)
+    damaged = SETTINGS.model_copy(update={"lr": 5.0, "ewc_lambda": 0.0, "der_alpha": 0.0, "der_beta": 0.0})
+    result = run_update(store, repository, damaged)
+    assert not result.accepted
+    assert any("points" in reason for reason in result.reasons), result.reasons
+    assert repository.live().version == "v0001"  # type: ignore[union-attr]
+    row = repository.get(result.version)
+    assert row is not None and row.state == "rejected" and row.rejection_reason
+    store.close()
