@@ -80,10 +80,12 @@ class UpdateSettings(BaseModel):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the backbone.")
     head_lr_factor: float = Field(10.0, gt=0, description="The classifier head learns this many times faster.")
     backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")
+    freeze_bn_statistics: bool = Field(False, description="Train with BatchNorm on its running statistics.")
+    weight_aligning: bool = Field(True, description="Align new classes' head weight norms with the old (WA).")
     replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
-    der_alpha: float = Field(0.3, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
-    der_beta: float = Field(0.5, ge=0, description="Weight of cross-entropy on the exemplars (DER++).")
+    der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
+    der_beta: float = Field(1.0, ge=0, description="Weight of cross-entropy on the exemplars (DER++).")
     ewc_lambda: float = Field(100.0, ge=0, description="Online-EWC penalty weight.")
     ewc_decay: float = Field(0.5, gt=0, le=1, description="How much of the running Fisher each update keeps.")
     ewc_max_images: int = Field(512, ge=1, description="Images used to estimate the Fisher after an update.")
@@ -235,6 +237,8 @@ def _run(
     lap("decode")
 
     _train(model, labeled, pseudo, replay, ewc, images, settings, generator, report)
+    if teacher is not None and settings.weight_aligning:
+        _align_weights(model, teacher.num_classes)
     lap("train")
 
     report("validate", 0, len(validation), {})
@@ -373,7 +377,8 @@ def _train(
         optimiser, [lambda step: min(1.0, (step + 1) / (warmup + 1)), lambda step: 1.0]
     )
     model.train()
-    _freeze_batch_norm_statistics(model)
+    if settings.freeze_bn_statistics:
+        _freeze_batch_norm_statistics(model)
     labeled_batches = _batches(labeled, size, steps, generator, balanced=True)
     pseudo_batches = _batches(pseudo, size, steps, generator, balanced=True)
     # FixMatch averages over every unlabeled image, rejected ones counting zero: weigh the accepted by their share.
@@ -418,6 +423,21 @@ def _train(
         schedule.step()
         report("train", step, steps, {"loss": float(total), **{k: float(v) for k, v in losses.items()}})
     model.eval()
+
+
+@torch.no_grad()
+def _align_weights(model: InspectionModel, old_classes: int) -> None:
+    """Weight Aligning (Zhao et al., CVPR 2020): scale the new classes' head rows to the old rows' mean norm.
+
+    Trained on many new images and few exemplars, new rows grow longer and pull predictions towards the new
+    classes; equal norms remove most of that bias without touching the backbone.
+    """
+    weight = model.head.weight
+    if not 0 < old_classes < weight.shape[0]:
+        return
+    norms = weight.norm(dim=1)
+    gamma = norms[:old_classes].mean() / norms[old_classes:].mean().clamp_min(1e-12)
+    weight[old_classes:] *= gamma
 
 
 def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
