@@ -115,3 +115,10 @@ def test_the_gate_rejects_a_damaged_candidate_and_the_live_model_stays(tmp_path:
     row = repository.get(result.version)
     assert row is not None and row.state == "rejected" and row.rejection_reason
     store.close()
+
+
+def test_the_update_command_says_why_it_did_not_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cl_service.cli import main
+
+    assert main(["update", "--data-dir", str(tmp_path / "data")]) == 0
+    assert "no update: cold start needs 5 human labels in 2 classes" in capsys.readouterr().out
