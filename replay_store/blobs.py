@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from replay_store.files import fsync_dir
+
 MAGIC = b"CLB1"
 HEADER = struct.Struct(">4s32sQ")  # magic, raw sha256, payload length
 SHA256_HEX_LEN = 64
@@ -116,7 +118,7 @@ class BlobStore:
         path = self.segment_path(self._segment)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self._size = 0
-        _fsync_dir(self.root)  # the new file's name must survive a crash before anything refers to it
+        fsync_dir(self.root)  # the new file's name must survive a crash before anything refers to it
 
 
 def _time_ordered_id() -> str:
@@ -136,14 +138,6 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
             else:
                 pending[0] = head[written:]
                 written = 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _checked_sha(sha256: str) -> str:

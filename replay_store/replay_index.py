@@ -21,7 +21,6 @@ import logging
 import os
 import struct
 import threading
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 
+from replay_store.files import replacing
 from replay_store.models import EMBEDDINGS, utcnow
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,7 @@ class ReplayIndex:
 
         A crash at any point leaves either the old file or the new one, never a mix of both."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with replacing(path) as temp:
             with self._lock:
                 info = self.info()
                 faiss.write_index(self._index, str(temp))
@@ -268,13 +266,6 @@ class ReplayIndex:
                 encoded = json.dumps(metadata, sort_keys=True).encode()
                 handle.seek(payload_bytes)
                 handle.write(encoded + _FOOTER.pack(payload_bytes, len(encoded), _MAGIC))
-                handle.flush()
-                os.fsync(handle.fileno())
-            temp.replace(path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
 
     @classmethod
     def load(cls, path: Path) -> ReplayIndex:
@@ -398,17 +389,6 @@ def _digest(handle: Any, length: int) -> str:
         hasher.update(chunk)
         remaining -= len(chunk)
     return hasher.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry lives in the folder)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # ------------------------------------------------------------------------------------ database side

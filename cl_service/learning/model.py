@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from replay_store.files import write_atomically
 from replay_store.naming import class_name_problem, identifier_problem
 
 LITE0_BACKBONE = "tf_efficientnet_lite0"
@@ -480,7 +480,7 @@ def save_checkpoint(
         "torch_version": json.dumps(torch.__version__),
         "timm_version": json.dumps(_timm_version()),
     }
-    _write_atomically(info.path, safetensors_bytes(tensors, metadata=metadata))
+    write_atomically(info.path, safetensors_bytes(tensors, metadata=metadata))
     return info
 
 
@@ -549,22 +549,3 @@ def _tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(tmp_name).replace(path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -10,7 +10,6 @@ which one is live. A folder is written completely before its row names it accept
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from sqlalchemy import func, select, update
 from sqlmodel import col
 
 from cl_service.learning.model import InspectionModel, load_checkpoint
+from replay_store.files import write_atomically
 from replay_store.models import ModelState, ModelVersionRow, utcnow
 from replay_store.store import Store
 
@@ -103,13 +103,8 @@ class ModelRepository:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    """Write JSON durably and atomically."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(path: Path) -> Any:
