@@ -86,17 +86,3 @@ def balanced_batches(
     weights = 1.0 / counts[targets]
     for _ in range(steps):
         yield torch.multinomial(weights, min(batch_size, len(labels)), replacement=True, generator=generator)
-
-
-def shuffled_batches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """`steps` batches of indices in 0..count, cycling through fresh permutations."""
-    if count == 0:
-        return
-    order = torch.randperm(count, generator=generator)
-    position = 0
-    for _ in range(steps):
-        if position + batch_size > count:
-            order = torch.randperm(count, generator=generator)
-            position = 0
-        yield order[position : position + batch_size]
-        position += batch_size

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlmodel import col
 
 from cl_service.learning.model import InspectionModel, load_checkpoint
@@ -58,10 +58,6 @@ class ModelRepository:
         with self.store.session() as session:
             return session.get(ModelVersionRow, version)
 
-    def versions(self) -> list[ModelVersionRow]:
-        with self.store.session() as session:
-            return list(session.scalars(select(ModelVersionRow).order_by(col(ModelVersionRow.created_at))))
-
     def load_model(self, version: str) -> InspectionModel:
         model, _ = load_checkpoint(self.folder(version) / CHECKPOINT)
         return model
@@ -96,10 +92,6 @@ class ModelRepository:
                 session.execute(update(ModelVersionRow).values(live=False))
             session.add(row)
             session.commit()
-
-    def count(self) -> int:
-        with self.store.session() as session:
-            return int(session.scalar(select(func.count()).select_from(ModelVersionRow)) or 0)
 
 
 def write_json(path: Path, data: Any) -> None:

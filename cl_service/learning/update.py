@@ -24,6 +24,7 @@ the validation split, never the whole history.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -42,14 +43,20 @@ from torch import Tensor
 from cl_service.learning.data import (
     ImageTensors,
     balanced_batches,
-    shuffled_batches,
     split_validation,
     to_unit,
 )
 from cl_service.learning.ewc import OnlineEWC
 from cl_service.learning.metrics import Metrics, compare, evaluate
 from cl_service.learning.model import InspectionModel, ModelConfig, save_checkpoint
-from cl_service.learning.pseudo import AdaptiveThresholds, PseudoLabeler, strong_augment, tta_probs, weak_augment
+from cl_service.learning.pseudo import (
+    AdaptiveThresholds,
+    PseudoLabeler,
+    fixmatch_loss,
+    strong_augment,
+    tta_probs,
+    weak_augment,
+)
 from cl_service.learning.repository import (
     CHECKPOINT,
     EWC_STATE,
@@ -191,8 +198,8 @@ def _run(
         if not new_labeled and not new_unlabeled:
             raise UpdateSkippedError(f"nothing new since {live_row.version}: no new labels and no new images")
         folder = repository.folder(live_row.version)
-        model = repository.load_model(live_row.version)
         teacher = repository.load_model(live_row.version).eval()
+        model = copy.deepcopy(teacher)
         ewc = OnlineEWC.load(folder / EWC_STATE) if (folder / EWC_STATE).exists() else OnlineEWC()
         ewc.ewc_lambda, ewc.decay = settings.ewc_lambda, settings.ewc_decay
         state = folder / TEACHER_STATE
@@ -379,13 +386,13 @@ def _train(
     model.train()
     if settings.freeze_bn_statistics:
         _freeze_batch_norm_statistics(model)
-    labeled_batches = _batches(labeled, size, steps, generator, balanced=True)
-    pseudo_batches = _batches(pseudo, size, steps, generator, balanced=True)
+    labeled_batches = balanced_batches(labeled.targets.tolist(), size, steps, generator)
+    pseudo_batches = balanced_batches(pseudo.targets.tolist(), size, steps, generator)
     # FixMatch averages over every unlabeled image, rejected ones counting zero: weigh the accepted by their share.
     pseudo_share = len(pseudo.rows) / max(1, pseudo.looked_at)
-    replay_batches = _batches(replay, size, steps, generator, balanced=True)
+    replay_batches = balanced_batches(replay.targets.tolist(), size, steps, generator)
     for step in range(1, steps + 1):
-        parts: list[tuple[str, Tensor, Tensor]] = []
+        parts: list[tuple[str, _Set, Tensor, Tensor]] = []
         for name, data, batches, augment in (
             ("labeled", labeled, labeled_batches, weak_augment),
             ("pseudo", pseudo, pseudo_batches, strong_augment),
@@ -395,20 +402,21 @@ def _train(
             if chosen is not None:
                 with _torch_threads(1):  # per-image ops: one thread is several times faster than two
                     view = augment(to_unit(data.images[chosen]), generator)
-                parts.append((name, view, chosen))
+                parts.append((name, data, view, chosen))
         if not parts:
             break
-        logits = model(images.normalise(torch.cat([view for _, view, _ in parts])))
+        logits = model(images.normalise(torch.cat([view for _, _, view, _ in parts])))
         losses: dict[str, Tensor] = {}
         start = 0
-        for name, view, chosen in parts:
+        for name, data, view, chosen in parts:
             part = logits[start : start + len(view)]
             start += len(view)
-            data = {"labeled": labeled, "pseudo": pseudo, "replay": replay}[name]
-            loss = F.cross_entropy(part, data.targets[chosen])
             if name == "pseudo":
-                loss = settings.pseudo_weight * pseudo_share * loss
-            elif name == "replay":
+                share = torch.full((len(chosen),), pseudo_share)
+                loss = settings.pseudo_weight * fixmatch_loss(part, data.targets[chosen], share)
+            else:
+                loss = F.cross_entropy(part, data.targets[chosen])
+            if name == "replay":
                 loss = settings.der_beta * loss
                 matched = _logit_matching(part, [data.logits[i] for i in chosen.tolist()])
                 if matched is not None:
@@ -450,12 +458,6 @@ def _freeze_batch_norm_statistics(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-def _batches(data: _Set, size: int, steps: int, generator: torch.Generator, *, balanced: bool) -> Iterator[Tensor]:
-    if balanced:
-        return balanced_batches(data.targets.tolist(), size, steps, generator)
-    return shuffled_batches(len(data.rows), size, steps, generator)
 
 
 def _logit_matching(logits: Tensor, stored: list[Tensor | None]) -> Tensor | None:
