@@ -18,6 +18,15 @@ from cl_service.config import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+XSDD_CLASSES = (  # the class names of ../shared/datasets/xsdd under the naming rule
+    "finishing_roll_printing",
+    "iron_sheet_ash",
+    "oxide_scale_of_plate_system",
+    "oxide_scale_of_temperature_system",
+    "red_iron",
+    "slag_inclusion",
+    "surface_scratch",
+)
 
 
 def png_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:

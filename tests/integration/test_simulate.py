@@ -10,7 +10,7 @@ import pytest
 
 from cl_service.simulate.driver import SimulationConfig, run_simulation
 from cl_service.simulate.surface import SurfaceConfig
-from tests.conftest import ServerHandle
+from tests.conftest import XSDD_CLASSES, ServerHandle
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +49,7 @@ def test_a_folder_of_real_defect_images_streams_with_its_class_names(server: Ser
     summary = run_simulation(config)
     assert summary.failures == [] and summary.statuses["stored"] == 80
     names = set(server.running.core.store.class_names())
-    assert names and names <= {
-        "finishing_roll_printing",
-        "iron_sheet_ash",
-        "oxide_scale_of_plate_system",
-        "oxide_scale_of_temperature_system",
-        "red_iron",
-        "slag_inclusion",
-        "surface_scratch",
-    }
+    assert names and names <= set(XSDD_CLASSES)
 
 
 @pytest.mark.slow

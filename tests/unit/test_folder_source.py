@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from cl_service.simulate.folder import FolderItem, FolderSource, normalize_class_name
-
-DATASETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
+from tests.conftest import DATASETS, XSDD_CLASSES
 
 
 def _png(path: Path, value: int) -> None:
@@ -124,15 +123,7 @@ def test_real_dataset_folders(name: str, n_classes: int, n_images: int) -> None:
     assert len(source) == n_images
     assert source.empty_folders == ()
     if name == "xsdd":
-        assert source.classes == (
-            "finishing_roll_printing",
-            "iron_sheet_ash",
-            "oxide_scale_of_plate_system",
-            "oxide_scale_of_temperature_system",
-            "red_iron",
-            "slag_inclusion",
-            "surface_scratch",
-        )
+        assert source.classes == XSDD_CLASSES
         assert source.class_counts["red_iron"] == 397
     first = source.items()[0]
     assert source.read(first)[:2] in (b"\xff\xd8", b"\x89P")  # JPEG or PNG, as stored
