@@ -1,4 +1,4 @@
-"""Reference strategies for the class-incremental stream benchmark, on the protocol of `stream_protocol.py`.
+"""Reference strategies for the class-incremental stream benchmark, on the protocol of `_stream_protocol.py`.
 
 Every strategy uses the same split, step cut, backbone and recipe: `InspectionModel` (ImageNet-pretrained
 tf_efficientnet_lite0, 96x96), `epochs` per step (4), Adam lr 1e-3 (a fresh optimiser per step), batch 32, CPU.
@@ -14,8 +14,8 @@ a FIXED head sized to all classes (in step order): DER distils stored logits wit
 to stay constant, and Replay gets the same head so the two differ only in the method. Evaluation restricts the
 argmax to the seen classes, so scores compare with the grown heads of naive/cumulative.
 
-    python bench/references.py --strategy naive --quick
-    python bench/references.py --strategy der --mem-size 200 --write
+    python bench/references.py                      # every strategy; writes bench/results/references.json
+    python bench/references.py --strategy naive --quick   # one strategy, smoke size; prints JSON only
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, machine, write_results
-from stream_protocol import (
+from _common import REPO_ROOT, machine, markdown_table, write_results
+from _stream_protocol import (
     AccuracyMatrix,
     Decoded,
     Split,
@@ -252,14 +252,13 @@ def run(strategy: str, stream: StreamData, recipe: Recipe) -> Result:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategy", choices=STRATEGIES, required=True)
+    parser.add_argument("--strategy", choices=STRATEGIES, help="one strategy (prints JSON); default: all, written")
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     parser.add_argument("--quick", action="store_true", help="smoke: 2 classes/step, 20 images/class, 1 epoch, 32px")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--mem-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write", action="store_true", help="write bench/results/references_<strategy>.json")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -273,25 +272,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(recipe.threads)
     start = time.perf_counter()
     stream = prepare(args.dataset, recipe, sizes=sizes, classes=classes, per_class_limit=limit)
-    result = run(args.strategy, stream, recipe)
-    wall = time.perf_counter() - start
-    summary = {
-        "recipe": asdict(recipe),
-        "quick": args.quick,
-        "steps": stream.steps,
-        "train_images": len(stream.split.train),
-        "test_images": len(stream.split.test),
-        "duplicates_removed": stream.split.duplicates_removed,
-        "decode_seconds": stream.decode_seconds,
-        "wall_seconds": wall,
-        **asdict(result),
+    if args.strategy:
+        result = run(args.strategy, stream, recipe)
+        print(json.dumps({"recipe": asdict(recipe), "steps": stream.steps, **asdict(result)}, indent=2))
+        return 0
+    results = [run(strategy, stream, recipe) for strategy in STRATEGIES]
+    figures: dict[str, float | int | str | bool] = {
+        f"{result.strategy}_{key}": value
+        for result in results
+        for key, value in result.figures().items()
+        if key != "strategy"
     }
-    print(json.dumps(summary, indent=2))
-    if args.write:
-        figures = {
-            **result.figures(),
+    figures.update(
+        {
             "quick": args.quick,
-            "wall_seconds": wall,
+            "wall_seconds": time.perf_counter() - start,
             "epochs": recipe.epochs,
             "image_size": recipe.image_size,
             "mem_size": recipe.mem_size,
@@ -301,8 +296,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duplicates_removed": stream.split.duplicates_removed,
             **machine(),
         }
-        suffix = "_quick" if args.quick else ""
-        print(write_results(f"references_{args.strategy}{suffix}", figures))
+    )
+    header = ["strategy", "final accuracy", "forgetting (points)", "training seconds"]
+    rows = [
+        [
+            r.strategy,
+            f"{r.final_accuracy:.1%}",
+            "" if r.forgetting is None else f"{100 * r.forgetting:.1f}",
+            f"{sum(r.step_seconds):.0f}",
+        ]
+        for r in results
+    ]
+    print(markdown_table(header, rows))
+    print(write_results("references" + ("_quick" if args.quick else ""), figures))
     return 0
 
 

@@ -39,7 +39,28 @@ def ingest(r: dict[str, Any]) -> str:
     return markdown_table(header, rows) + note
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"ingest": ingest}
+def references(r: dict[str, Any]) -> str:
+    rows = []
+    for strategy in ("naive", "cumulative", "joint", "replay", "der"):
+        forgetting = r.get(f"{strategy}_forgetting")
+        rows.append(
+            [
+                strategy,
+                f"{r[f'{strategy}_final_accuracy']:.1%}",
+                "" if forgetting is None else f"{100 * forgetting:.1f}",
+                f"{r[f'{strategy}_train_seconds']:,.0f}",
+            ]
+        )
+    header = ["strategy", "final accuracy", "forgetting (points)", "training seconds"]
+    note = (
+        f"\n\nxsdd, steps {r['steps']}; {r['train_images']} train / {r['test_images']} test images "
+        f"({r['duplicates_removed']} duplicates removed), {r['image_size']}x{r['image_size']}, {r['epochs']} epochs "
+        f"per step, replay/DER memory {r['mem_size']}, {r['machine_cpus']} CPUs."
+    )
+    return markdown_table(header, rows) + note
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"ingest": ingest, "references": references}
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The stream protocol of bench/stream_protocol.py: dedupe, stratified split, step cut, evaluation bookkeeping."""
+"""The stream protocol of bench/_stream_protocol.py: dedupe, stratified split, step cut, evaluation bookkeeping."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from stream_protocol import AccuracyMatrix, Decoded, evaluate_model, incremental_steps, load_split
+from _stream_protocol import AccuracyMatrix, Decoded, evaluate_model, incremental_steps, load_split
 
 
 def _png(value: int) -> bytes:
