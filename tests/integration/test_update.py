@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cl_service.learning.data import in_validation
-from cl_service.learning.model import ModelConfig
 from cl_service.learning.repository import CHECKPOINT, EWC_STATE, REPORT, ModelRepository
-from cl_service.learning.update import REPLAY_INDEX, UpdateSettings, UpdateSkippedError, run_update
+from cl_service.learning.settings import ModelConfig, UpdateSettings
+from cl_service.learning.update import REPLAY_INDEX, UpdateSkippedError, run_update
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from replay_store.exemplars import ReplayBuffer
 from replay_store.models import LabelSource

@@ -157,7 +157,7 @@ def test_lite0_weights_are_refused_for_other_backbones() -> None:
     with pytest.raises(ValueError, match="fit only the backbone 'tf_efficientnet_lite0'"):
         ModelConfig(backbone="efficientnet_lite0")
     with pytest.raises(ValueError, match="not a timm model name"):
-        ModelConfig(backbone="no_such_net", pretrained="none")
+        InspectionModel(ModelConfig(backbone="no_such_net", pretrained="none"), ["good"])
     assert ModelConfig(backbone="efficientnet_lite0", pretrained="none").backbone == "efficientnet_lite0"
 
 
