@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cl_service.api.server import RunningServer, start_server
+from cl_service.api.server import RunningServer, server_in_thread
 from cl_service.config import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +45,6 @@ class ServerHandle:
     """A real gRPC server running on its own event loop thread."""
 
     running: RunningServer
-    loop: asyncio.AbstractEventLoop
 
     @property
     def target(self) -> str:
@@ -56,17 +53,8 @@ class ServerHandle:
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[ServerHandle]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(start_server(settings), loop).result(60)
-    try:
-        yield ServerHandle(running, loop)
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(grace=1.0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with server_in_thread(settings) as running:
+        yield ServerHandle(running)
 
 
 @pytest.fixture

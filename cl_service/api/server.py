@@ -8,8 +8,11 @@ health SERVING. Stop (SIGINT/SIGTERM): health NOT_SERVING -> stop accepting and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,3 +95,21 @@ async def serve_forever(settings: Settings, *, ready: asyncio.Event | None = Non
     await stop.wait()
     log.info("shutting down (grace %.1f s)", settings.shutdown_grace_s)
     await running.stop()
+
+
+@contextlib.contextmanager
+def server_in_thread(settings: Settings, *, timeout_s: float = 60.0) -> Iterator[RunningServer]:
+    """A real server on its own event-loop thread, for in-process use (stream evaluation, tests); stopped on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="cl-service-server", daemon=True)
+    thread.start()
+    try:
+        running = asyncio.run_coroutine_threadsafe(start_server(settings), loop).result(timeout_s)
+        try:
+            yield running
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(grace=1.0), loop).result(timeout_s)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        loop.close()
