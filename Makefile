@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The benchmarks (bench/ also holds their shared modules).
-BENCHES := bench/ingest.py bench/references.py
+BENCHES := bench/ingest.py bench/stream_eval.py
 
 .PHONY: run test check lint proto bench clean
 

@@ -1,4 +1,4 @@
-"""The `cl-service` command: serve, demo, simulate, status, migrate, check-store.
+"""The `cl-service` command: serve, demo, simulate, status, migrate, update, eval-stream, check-store.
 
 Settings come from one place (cl_service.config.load_settings): flags here override environment
 variables (CL_SERVICE_*), which override the TOML file given with --config.
@@ -105,6 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--epochs", type=int, help="passes over the update's new data (default 4)")
     update.add_argument("--seed", type=int, help="seed of sampling, augmentation and initialisation (default 0)")
 
+    evaluate = commands.add_parser(
+        "eval-stream",
+        help="replay a folder of class sub-folders as a class-incremental camera stream through ingest and updates",
+    )
+    _settings_flags(evaluate)
+    evaluate.add_argument("folder", type=Path, help="a folder with one sub-folder of images per class")
+    evaluate.add_argument("--steps", default="3,2,2", help="classes per step, comma-separated (sum: all classes)")
+    evaluate.add_argument("--labeled-fraction", type=float, default=1.0, help="share of each class sent labeled")
+    evaluate.add_argument(
+        "--labels-only", action="store_true", help="also run the same loop without the unlabeled images"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the train/test split and the labeled share")
+    evaluate.add_argument("--order-seed", type=int, default=1, help="seed of the class order")
+    evaluate.add_argument("--classes", default="", help="only these classes, comma-separated")
+    evaluate.add_argument(
+        "--references",
+        default="naive,cumulative,joint",
+        help="reference strategies: naive, cumulative, joint, replay, der (Avalanche; needs the bench extra), "
+        "or 'none'",
+    )
+    evaluate.add_argument("--reference-memory", type=int, default=200, help="Avalanche Replay/DER memory size")
+    evaluate.add_argument("--epochs", type=int, help="passes per update (default: the [update] settings)")
+    evaluate.add_argument("--image-size", type=int, help="model input size (default: the [update] settings)")
+    evaluate.add_argument("--replay-per-class", type=int, default=10, help="replay budget: exemplars per class")
+    evaluate.add_argument("--out", type=Path, default=Path("stream-eval"), help="folder for results and data")
+
     check = commands.add_parser("check-store", help="check the database and that every blob is readable")
     _settings_flags(check)
     check.add_argument("--verify-bytes", action="store_true", help="also re-hash every blob")
@@ -167,13 +193,14 @@ def cmd_update(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cl_service.learning.repository import ModelRepository
-    from cl_service.learning.update import UpdateSettings, UpdateSkippedError, run_update
+    from cl_service.learning.settings import UpdateSettings
+    from cl_service.learning.update import UpdateSkippedError, run_update
     from replay_store.store import Store
 
     settings = _settings(args)
     _logging(settings)
     overrides = {key: value for key in ("epochs", "seed") if (value := getattr(args, key)) is not None}
-    update_settings = UpdateSettings(**overrides)
+    update_settings = UpdateSettings.model_validate({**settings.update.model_dump(), **overrides})
     store = Store.open(settings.resolved_database_url, settings.blob_dir)
     try:
         repository = ModelRepository(settings.data_dir / "models", store)
@@ -202,6 +229,53 @@ def cmd_update(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     return 0 if result.accepted else 1
+
+
+def cmd_eval_stream(args: argparse.Namespace) -> int:
+    from cl_service.evaluation.references import Recipe
+    from cl_service.evaluation.runner import StreamSpec, evaluate_stream, load_stream, write_outputs
+    from cl_service.evaluation.stream import StreamPlan
+    from cl_service.learning.settings import UpdateSettings
+
+    settings = _settings(args)
+    _logging(settings)
+    try:
+        sizes = tuple(int(part) for part in args.steps.split(","))
+    except ValueError:
+        raise ValueError(f"--steps takes comma-separated class counts such as 3,2,2, not {args.steps!r}") from None
+    classes = tuple(c for c in args.classes.split(",") if c) or None
+    references = [] if args.references == "none" else [r for r in args.references.split(",") if r]
+    spec = StreamSpec(args.folder, sizes, split_seed=args.seed, order_seed=args.order_seed, classes=classes)
+    chosen = settings.update.model_dump()
+    chosen["seed"] = args.seed
+    if args.epochs:
+        chosen["epochs"] = args.epochs
+    if args.image_size:
+        chosen["model"]["image_size"] = args.image_size
+    stream = load_stream(spec, UpdateSettings.model_validate(chosen))
+    chosen["replay_budget"] = args.replay_per_class * len(stream.split.classes)
+    update = UpdateSettings.model_validate(chosen)
+    plans = [("ours", StreamPlan(args.labeled_fraction, seed=args.seed))]
+    if args.labels_only:
+        plans.append(("ours_labels_only", StreamPlan(args.labeled_fraction, send_unlabeled=False, seed=args.seed)))
+    recipe = Recipe(
+        image_size=update.model.image_size, epochs=update.epochs, mem_size=args.reference_memory, seed=args.seed
+    )
+    print(f"steps: {' | '.join(', '.join(step) for step in stream.steps)}", flush=True)
+    evaluation = evaluate_stream(
+        stream,
+        spec,
+        settings=update,
+        plans=plans,
+        references=references,
+        recipe=recipe,
+        work_dir=args.out / "data",
+        say=lambda line: print(line, flush=True),
+    )
+    paths = write_outputs(evaluation, args.out)
+    print(paths[1].read_text())
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
 
 
 def cmd_check_store(args: argparse.Namespace) -> int:
@@ -292,6 +366,7 @@ def _with_progress(config: Any, run: Any, console: Any = None) -> Any:
 
 _COMMANDS = {
     "serve": cmd_serve,
+    "eval-stream": cmd_eval_stream,
     "demo": cmd_demo,
     "simulate": cmd_simulate,
     "status": cmd_status,

@@ -1,17 +1,22 @@
-"""The stream protocol of bench/_stream_protocol.py: dedupe, stratified split, step cut, evaluation bookkeeping."""
+"""The stream protocol (cl_service.evaluation.protocol): dedupe, stratified split, step cut, evaluation bookkeeping."""
 
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from _stream_protocol import AccuracyMatrix, Decoded, evaluate_model, incremental_steps, load_split
+from cl_service.evaluation.protocol import (
+    AccuracyMatrix,
+    Decoded,
+    evaluate_model,
+    incremental_steps,
+    load_split,
+    per_class_accuracy,
+)
 
 
 def _png(value: int) -> bytes:
@@ -101,9 +106,18 @@ def test_evaluate_model_restricts_to_seen_and_fills_the_matrix() -> None:
     # an unseen class's output is never predicted: index 2 on a seen-only model falls back among a, b
     overall, per_step = evaluate_model(model, [_decoded([2], ["a"])], ["a", "b"])
     assert per_step == [1.0]  # logits of a, b tie at 0: the first seen class, "a"
+    assert per_class_accuracy(model, step0, ["a", "b"]) == {"a": 0.5, "b": 1.0}
+    # a seen class the model does not know (its update was rejected) counts as wrong, never as an error
+    narrow = _Fixed(["a", "b"])
+    new = _decoded([0, 1], ["c", "d"])
+    overall, per_step = evaluate_model(narrow, [step0, new], ["a", "b", "c", "d"])
+    assert per_step == [0.75, 0.0]
+    assert overall == pytest.approx(3 / 6)
+    assert per_class_accuracy(narrow, new, ["a", "b", "c", "d"]) == {"c": 0.0, "d": 0.0}
     matrix = AccuracyMatrix(2)
-    matrix.add([1.0, None])
-    matrix.add([0.5, 1.0])
+    matrix.add([1.0, None], 1.0)
+    matrix.add([0.5, 1.0], 0.75)
+    assert matrix.seen_accuracy == [1.0, 0.75]
     m = matrix.metrics()
     assert m.forgetting == pytest.approx(0.5)
     assert m.backward_transfer == pytest.approx(-0.5)

@@ -1,0 +1,91 @@
+"""`cl-service eval-stream`: a folder replayed as a class-incremental camera stream through the real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cl_service.cli import main
+from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CLASSES = ("good", "scratch", "pit")
+
+
+def _folder(root: Path, per_class: int) -> Path:
+    generator = SurfaceGenerator(SurfaceConfig(width=48, height=48, classes=CLASSES, class_weights=(1, 1, 1)))
+    written = dict.fromkeys(CLASSES, 0)
+    for image in generator.stream(0, None):
+        if written[image.label] < per_class:
+            folder = root / image.label
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{image.index:04d}.png").write_bytes(encode_image(image.pixels))
+            written[image.label] += 1
+        if min(written.values()) >= per_class:
+            return root
+    raise AssertionError("unreachable")
+
+
+def test_eval_stream_runs_ours_with_and_without_unlabeled_images_beside_a_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _folder(tmp_path / "images", per_class=40)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "eval-stream",
+            str(folder),
+            "--steps",
+            "2,1",
+            "--labeled-fraction",
+            "0.5",
+            "--labels-only",
+            "--references",
+            "naive",
+            "--epochs",
+            "2",
+            "--image-size",
+            "32",
+            "--replay-per-class",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "stream_eval.json").read_text())
+    assert [r["strategy"] for r in report["results"]] == ["ours", "ours_labels_only", "naive"]
+    assert sorted(c for step in report["steps"] for c in step) == sorted(CLASSES)
+    ours, labels_only, naive = report["results"]
+    for result in (ours, labels_only, naive):
+        assert len(result["accuracy_matrix"]) == 2
+        assert len(result["seen_accuracy"]) == 2
+        assert 0.0 <= result["final_accuracy"] <= 1.0
+    # 28 train images per class (30% of 40 are test); half of each class is sent labeled, the rest unlabeled
+    first = ours["details"][0]
+    assert first["sent_labeled"] == 28 and first["sent_unlabeled"] == 28
+    assert labels_only["details"][0]["sent_unlabeled"] == 0
+    assert first["accepted"], first["reasons"]
+    assert ours["per_class"] and set(ours["per_class"]) <= set(CLASSES)
+    # the second update had the first model as teacher for the unlabeled images, whose true labels are known
+    second = ours["details"][1]
+    assert second["counts"]["new_unlabeled"] == 14
+    assert 0 <= second["pseudo_correct"] <= second["pseudo_labels"]
+    assert (out / "data" / "ours" / "store.sqlite").exists()
+    with Image.open(out / "stream_eval.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 600
+    table = (out / "stream_eval.md").read_text()
+    assert "| ours |" in table and "| naive |" in table
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_stream_refuses_step_sizes_that_do_not_cover_the_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _folder(tmp_path / "images", per_class=3)
+    assert main(["eval-stream", str(folder), "--steps", "2,2", "--out", str(tmp_path / "out")]) == 2
+    assert "step sizes (2, 2) must be positive and sum to the 3 classes" in capsys.readouterr().err
