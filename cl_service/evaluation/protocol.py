@@ -308,6 +308,9 @@ class Result:
             out["average_incremental_accuracy"] = sum(self.average_accuracy) / len(self.average_accuracy)
         if self.forgetting is not None:
             out["forgetting"] = self.forgetting
+        verdicts = [d["default_gate_accepts"] for d in self.details if "default_gate_accepts" in d]
+        if verdicts:
+            out["default_gate_rejections"] = verdicts.count(False)
         if self.backward_transfer is not None:
             out["backward_transfer"] = self.backward_transfer
         return out

@@ -118,13 +118,19 @@ def markdown(evaluation: Evaluation, title: str) -> str:
         "Final accuracy per class:",
         per_class_table(evaluation.results),
     ]
-    for r in evaluation.results:
-        for d in r.details:
-            pseudo = d.get("pseudo_labels", 0)
-            note = f"; pseudo-labels {d.get('pseudo_correct', 0)}/{pseudo} right" if pseudo else ""
-            parts.append(
-                f"- {r.strategy} step {d['step']}: sent {d['sent_labeled']} labeled + {d['sent_unlabeled']} unlabeled, "
-                f"update {d['update_seconds']:.0f} s, {'accepted' if d['accepted'] else 'not accepted'}"
-                f"{note}; accuracy on seen classes {100 * d['accuracy_seen']:.1f}%"
-            )
+    lines = [_step_line(r.strategy, d) for r in evaluation.results for d in r.details]
+    if lines:
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _step_line(strategy: str, d: dict[str, Any]) -> str:
+    pseudo = d.get("pseudo_labels", 0)
+    notes = [f"pseudo-labels {d.get('pseudo_correct', 0)}/{pseudo} right"] if pseudo else []
+    if d.get("default_gate_accepts") is False:
+        notes.append("the default gate would reject it: " + "; ".join(d.get("default_gate_reasons", [])))
+    return (
+        f"- {strategy} step {d['step']}: sent {d['sent_labeled']} labeled + {d['sent_unlabeled']} unlabeled, "
+        f"update {d['update_seconds']:.0f} s, {'accepted' if d['accepted'] else 'not accepted'}; "
+        f"accuracy on seen classes {100 * d['accuracy_seen']:.1f}%" + "".join(f"; {n}" for n in notes)
+    )

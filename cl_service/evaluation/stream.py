@@ -35,6 +35,7 @@ from cl_service.evaluation.protocol import (
     evaluate_model,
     per_class_accuracy,
 )
+from cl_service.learning.metrics import compare
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
 from cl_service.learning.update import UpdateResult, UpdateSkippedError, run_update
@@ -106,6 +107,7 @@ def run_ours(
             items = [it for it in stream.split.train if it.label in step]
             sent = [it for it in items if plan.send_unlabeled or it.sha256 in labeled]
             send(target, sent, labeled, plan.camera_id)
+            before = tuple(model.classes) if model is not None else ()
             start = time.perf_counter()
             try:
                 result: UpdateResult | None = run_update(running.core.store, repository, settings)
@@ -123,6 +125,7 @@ def run_ours(
                 final, per_step = evaluate_model(model, stream.test, seen)
             matrix.add(per_step, final)
             details.append(_step_details(i, step, sent, labeled, result, seconds[-1], final))
+            details[-1].update(_default_gate(result, before))
             details[-1].update(_pseudo_label_quality(running.core.store, truth))
             say(
                 f"{name} step {i} ({', '.join(step)}): {len(sent)} images sent, update {seconds[-1]:.0f} s, "
@@ -157,6 +160,22 @@ def _step_details(
         "pseudo_accepted": dict(result.pseudo_accepted) if result else {},
     }
     return out
+
+
+def _default_gate(result: UpdateResult | None, old_classes: Sequence[str]) -> dict[str, Any]:
+    """What the default gate (UpdateSettings' tolerance and support) says about this update's candidate, whatever
+    gate the evaluation itself ran with: an evaluation may open the gate to measure the learner alone."""
+    if result is None or result.candidate is None or result.live is None:
+        return {}
+    defaults = UpdateSettings()
+    decision = compare(
+        result.candidate,
+        result.live,
+        old_classes=list(old_classes),
+        tolerance=defaults.gate_tolerance,
+        min_support=defaults.gate_min_support,
+    )
+    return {"default_gate_accepts": decision.accepted, "default_gate_reasons": list(decision.reasons)}
 
 
 def padded_history(items: Sequence[Item], copies: int) -> list[Item]:

@@ -82,7 +82,7 @@ class UpdateSettings(BaseModel):
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
     der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
     der_beta: float = Field(1.0, ge=0, description="Weight of cross-entropy on the exemplars (DER++).")
-    lwf_weight: float = Field(0.0, ge=0, description="Weight of matching the live model's old-class outputs (LwF).")
+    lwf_weight: float = Field(1.0, ge=0, description="Weight of matching the live model's old-class outputs (LwF).")
     lwf_temperature: float = Field(2.0, gt=0, description="Softening temperature of the LwF term.")
     feature_distill_weight: float = Field(
         0.0, ge=0, description="Weight of keeping the live model's feature directions on every training image."

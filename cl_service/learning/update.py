@@ -505,7 +505,7 @@ def _after_acceptance(
         )
     if directed.any():
         write_embeddings(store, ids[directed], embeddings.numpy()[directed], version)
-    ReplayIndex.open(store, folder / REPLAY_INDEX, version, dim=model.embedding_dim)
+    ReplayIndex.rebuild(store, version, model.embedding_dim).save(folder / REPLAY_INDEX)  # first build
 
     position = {row.sample_id: i for i, row in enumerate(ordered)}
     candidates = [

@@ -75,6 +75,9 @@ def test_eval_stream_runs_ours_with_and_without_unlabeled_images_beside_a_refere
     second = ours["details"][1]
     assert second["counts"]["new_unlabeled"] == 14
     assert 0 <= second["pseudo_correct"] <= second["pseudo_labels"]
+    # this run gates with the defaults, so the recorded default-gate verdict is the update's own
+    assert second["default_gate_accepts"] == second["accepted"], second["reasons"]
+    assert "default_gate_accepts" not in first  # a first model has no live model to be gated against
     assert (out / "data" / "ours" / "store.sqlite").exists()
     with Image.open(out / "stream_eval.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 600
