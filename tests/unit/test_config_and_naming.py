@@ -56,3 +56,30 @@ def test_identifiers() -> None:
     assert identifier_problem("camera_id", "") == "camera_id is missing"
     assert identifier_problem("request_id", "../etc")
     assert identifier_problem("request_id", "x" * 129)
+
+
+def test_update_settings_come_from_the_update_table_and_nested_environment_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "cl.toml"
+    config.write_text("[update]\nlwf_weight = 0.5\nepochs = 7\n\n[update.model]\nimage_size = 128\n")
+    monkeypatch.setenv("CL_SERVICE_UPDATE__EPOCHS", "2")
+    update = load_settings(config).update
+    assert (update.lwf_weight, update.epochs, update.model.image_size) == (0.5, 2, 128)
+    assert update.model.backbone == "tf_efficientnet_lite0" and update.gate_tolerance == 0.02  # defaults kept
+    config.write_text("[update]\ngate_tolerence = 0.1\n")
+    with pytest.raises(ValidationError, match="gate_tolerence"):
+        load_settings(config)
+
+
+def test_the_learning_guide_lists_every_update_setting_with_its_default() -> None:
+    from cl_service.learning.settings import ModelConfig, UpdateSettings
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "learning.md").read_text()
+    for prefix, cls in (("", UpdateSettings), ("model.", ModelConfig)):
+        for name, field in cls.model_fields.items():
+            if name == "model":
+                continue
+            default = field.default if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
+            shown = list(default) if isinstance(default, tuple) else default
+            assert f"| `{prefix}{name}` | `{shown}` |" in guide, f"docs/learning.md: {prefix}{name} (default {shown})"
