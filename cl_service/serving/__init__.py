@@ -1,0 +1,1 @@
+"""Serving: the live engine slot (hot swap) and the micro-batcher."""
