@@ -77,7 +77,7 @@ class UpdateSettings(BaseModel):
     head_lr_factor: float = Field(10.0, gt=0, description="The classifier head learns this many times faster.")
     backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")
     freeze_bn_statistics: bool = Field(False, description="Train with BatchNorm on its running statistics.")
-    weight_aligning: bool = Field(True, description="Align new classes' head weight norms with the old (WA).")
+    weight_aligning: bool = Field(False, description="Align new classes' head weight norms with the old (WA).")
     replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
     der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
