@@ -166,7 +166,3 @@ def check_batch(images: Any, image_size: int, engine: str) -> Batch:
     if not np.isfinite(array).all():
         raise ValueError(f"{engine}: the batch holds NaN or infinite values")
     return np.ascontiguousarray(array)
-
-
-def summaries() -> dict[str, str]:
-    return {name: entry.summary for name, entry in _REGISTRY.items()}
