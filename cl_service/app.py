@@ -21,7 +21,7 @@ from replay_store.store import Store
 log = logging.getLogger(__name__)
 
 # RPCs built so far; the others answer UNIMPLEMENTED (GetStatus lists these).
-CAPABILITIES = ("Ingest", "GetSample", "GetStatus")
+CAPABILITIES = ("Ingest", "GetSample", "GetStatus", "Classify")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class StatusView:
     active_streams: int
     store_backend: str
     capabilities: tuple[str, ...]
+    live_model_version: str
 
 
 class ServiceCore:
@@ -58,6 +59,9 @@ class ServiceCore:
         self.ingest = IngestService(settings, committer)
         self.started_at = utcnow()
         self.active_streams = 0
+        from cl_service.serving.live import LiveModels  # torch and the engines load with the core, not on import
+
+        self.live = LiveModels(settings, store)
 
     @classmethod
     def open(cls, settings: Settings) -> ServiceCore:
@@ -94,4 +98,5 @@ class ServiceCore:
             active_streams=self.active_streams,
             store_backend=self.store.backend,
             capabilities=CAPABILITIES,
+            live_model_version=self.live.slot.version or "",
         )

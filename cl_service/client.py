@@ -273,6 +273,10 @@ class Client:
         request = pb.GetSampleRequest(sample_id=sample_id, include_image=include_image)
         return self.stub.GetSample(request, timeout=self.timeout_s)
 
+    def classify(self, image: bytes, *, top_k: int = 1) -> pb.Prediction:
+        """The live model's prediction for one encoded image (it names the version that produced it)."""
+        return self.stub.Classify(pb.ClassifyRequest(image=image, top_k=top_k), timeout=self.timeout_s).prediction
+
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the server answers health checks with SERVING (or raise TimeoutError)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

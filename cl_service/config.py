@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight calls get to finish at shutdown.")
     log_level: str = Field("INFO", description="Python logging level.")
+    engine: str = Field(
+        "auto", description="Inference engine: auto (TensorRT on an NVIDIA GPU, else onnxruntime), or a registry name."
+    )
+    classify_max_batch: int = Field(32, ge=1, le=1024, description="Most images per inference batch.")
+    classify_max_wait_ms: float = Field(
+        2.0, ge=0, description="How long a batch waits for more images after its first."
+    )
+    classify_max_queue: int = Field(256, ge=1, description="Classification requests waiting at most; more are refused.")
+    model_poll_s: float = Field(5.0, gt=0, description="How often the server looks for a new live model version.")
     update: UpdateSettings = Field(
         default_factory=UpdateSettings,
         description="How updates train and gate a candidate ([update] table; CL_SERVICE_UPDATE__EPOCHS=...).",
@@ -58,6 +67,15 @@ class Settings(BaseSettings):
             if problem:
                 raise ValueError(problem)
         return names
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, name: str) -> str:
+        from cl_service.engines.base import engine_names
+
+        if name != "auto" and name not in engine_names():
+            raise ValueError(f"unknown engine {name!r}; choose auto or one of {', '.join(engine_names())}")
+        return name
 
     @model_validator(mode="after")
     def _transport_fits_images(self) -> Settings:

@@ -23,11 +23,14 @@ class ErrorCode(Enum):
 class ServiceError(Exception):
     """An error with a code, a machine-readable reason and a human-readable message."""
 
-    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+    def __init__(
+        self, code: ErrorCode, reason: str, message: str, *, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        self.metadata = metadata  # extra trailing metadata for the client, e.g. ("retry-after-ms", "40")
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.reason}, {self.message!r})"

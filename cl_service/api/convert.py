@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cl_service.app import SampleView, StatusView
@@ -11,6 +13,9 @@ from cl_service.errors import ServiceError
 from cl_service.ingest.service import IngestItem, IngestOutcome, IngestStatus
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store.models import Label, LabelSource, as_utc
+
+if TYPE_CHECKING:
+    from cl_service.serving.live import Classified
 
 _STATUS = {
     IngestStatus.STORED: pb.INGEST_STATUS_STORED,
@@ -106,6 +111,7 @@ def status(view: StatusView) -> pb.ServiceStatus:
         active_streams=view.active_streams,
         capabilities=list(view.capabilities),
         store_backend=view.store_backend,
+        live_model_version=view.live_model_version,
         classes=[
             pb.ClassCount(
                 class_name=name,
@@ -118,3 +124,19 @@ def status(view: StatusView) -> pb.ServiceStatus:
     )
     message.started_at.CopyFrom(timestamp(view.started_at))
     return message
+
+
+def prediction(classified: Classified, top_k: int) -> pb.Prediction:
+    """The top `top_k` classes (at least one) of a classification, highest first. The anomaly fields stay 0 until
+    the anomaly model exists (issue #5)."""
+    order = np.argsort(-classified.probabilities, kind="stable")[: max(1, top_k)]
+    best = int(order[0])
+    return pb.Prediction(
+        class_name=classified.classes[best],
+        confidence=float(classified.probabilities[best]),
+        top_classes=[
+            pb.ClassScore(class_name=classified.classes[int(i)], probability=float(classified.probabilities[int(i)]))
+            for i in order
+        ],
+        model_version=classified.version,
+    )

@@ -41,6 +41,7 @@ class RunningServer:
         grace = self.core.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.core.live.stop()
         await asyncio.to_thread(self.core.close)
         log.info("server stopped")
 
@@ -73,6 +74,7 @@ async def start_server(settings: Settings) -> RunningServer:
         await asyncio.to_thread(core.close)
         raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
     await server.start()
+    await core.live.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = settings.bind.rsplit(":", 1)[0]

@@ -20,13 +20,17 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from cl_service.api import convert
 from cl_service.app import ServiceCore
 from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
+from cl_service.ingest.images import decode_checked
 from cl_service.ingest.service import IngestOutcome
+from cl_service.serving.batcher import QueueFullError
+from cl_service.serving.slot import NoLiveEngineError
 from cl_service.v1 import inspection_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "cl_service.v1.InspectionService"
 REASON_METADATA_KEY = "cl-error-reason"
+MAX_TOP_K = 20
 
 M = TypeVar("M", bound=Message)
 
@@ -165,7 +169,24 @@ class InspectionServicer:
         return convert.status(await asyncio.to_thread(self.core.status))
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyReply:  # noqa: N802
-        raise not_implemented("Classify (inference engines)", "issue #4")
+        if not 0 <= request.top_k <= MAX_TOP_K:
+            raise invalid("TOP_K_INVALID", f"top_k must be 0..{MAX_TOP_K} (0 means 1), got {request.top_k}")
+        settings = self.core.settings
+        image = await asyncio.to_thread(
+            decode_checked, request.image, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+        try:
+            classified = await self.core.live.classify(image)
+        except NoLiveEngineError as exc:
+            raise ServiceError(ErrorCode.FAILED_PRECONDITION, "NO_LIVE_MODEL", str(exc)) from None
+        except QueueFullError as exc:
+            raise ServiceError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                "CLASSIFY_QUEUE_FULL",
+                str(exc),
+                metadata=(("retry-after-ms", str(exc.retry_after_ms)),),
+            ) from None
+        return pb.ClassifyReply(prediction=convert.prediction(classified, request.top_k))
 
     async def SubmitCorrection(self, request: Any, context: Any) -> pb.SubmitCorrectionReply:  # noqa: N802
         raise not_implemented("SubmitCorrection (the operator loop)", "issue #5")
@@ -211,7 +232,7 @@ _SERVER_STREAMING = {"WatchAlerts": pb.WatchAlertsRequest, "WatchUpdate": pb.Wat
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError) -> None:
-    context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
+    context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason), *exc.metadata))
     await context.abort(grpc.StatusCode[exc.code.name], f"{exc.reason}: {exc.message}")
 
 

@@ -76,6 +76,16 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
     return ImageInfo(image_format, width, height, mode, hashlib.sha256(data).hexdigest(), frames)
 
 
+def decode_checked(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """`inspect_image`'s checks, then the decoded image (first frame) for classification."""
+    inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    return image
+
+
 def _decode_fully(image: Image.Image, width: int, height: int) -> None:
     if image.format == "JPEG":
         image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))

@@ -191,8 +191,8 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
             ),
             (
                 lambda: stub.Classify(pb.ClassifyRequest(image=png_bytes(1))),
-                grpc.StatusCode.UNIMPLEMENTED,
-                "NOT_IMPLEMENTED_YET",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NO_LIVE_MODEL",
             ),
             (
                 lambda: stub.SubmitCorrection(pb.SubmitCorrectionRequest()),
