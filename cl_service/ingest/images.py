@@ -69,7 +69,10 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
                 f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are accepted",
             )
         image_format = SUPPORTED_FORMATS[image.format or ""]
-        frames = int(getattr(image, "n_frames", 1))
+        try:
+            frames = int(getattr(image, "n_frames", 1))  # walks the frame directory: corrupt ones fail here
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad image
+            raise invalid("IMAGE_UNDECODABLE", f"the image's frames cannot be read: {exc}") from None
         mode = image.mode
         if not (image.format == "PNG" and frames == 1 and _check_plain_png(data)):
             _decode_fully(image, width, height)
