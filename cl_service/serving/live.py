@@ -79,7 +79,9 @@ class LiveModels:
             model = await asyncio.to_thread(self.repository.load_model, row.version)
             # known before the swap: a reply from the new engine may come the moment it is live
             self._served[row.version] = _Served(tuple(model.classes), model.config)
-            await asyncio.to_thread(activate, self.slot, self.store, self.repository, row.version, self.engine_name)
+            await asyncio.to_thread(
+                activate, self.slot, self.store, self.repository, row.version, self.engine_name, model=model
+            )
         except Exception:  # publish recorded why; the old engine keeps serving
             log.exception("%s cannot go live on %s; still serving %s", row.version, self.engine_name, self.slot.version)
             self._failed.add(row.version)

@@ -20,7 +20,7 @@ import numpy as np
 
 from cl_service.engines.base import Batch, BuildInputs, Engine, EngineError, build_engine, open_engine
 from cl_service.engines.export import Parity, parity, torch_logits
-from cl_service.learning.model import preprocess_encoded
+from cl_service.learning.model import InspectionModel, preprocess_encoded
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.serving.slot import EngineSlot
@@ -72,14 +72,21 @@ def calibration_images(store: Store, config: ModelConfig, count: int = CALIBRATI
 
 
 def prepare(
-    repository: ModelRepository, version: str, engine_name: str, *, golden: Batch, calibration: Batch | None = None
+    repository: ModelRepository,
+    version: str,
+    engine_name: str,
+    *,
+    golden: Batch,
+    calibration: Batch | None = None,
+    model: InspectionModel | None = None,
 ) -> Prepared:
-    """A loaded, warmed-up engine of `version` whose parity with torch on `golden` passed; recorded either way."""
+    """A loaded, warmed-up engine of `version` whose parity with torch on `golden` passed; recorded either way.
+    `model`: the version's model when the caller has it loaded already."""
     folder = repository.folder(version)
     started = time.perf_counter()
     engine: Engine | None = None
     try:
-        model = repository.load_model(version)
+        model = model or repository.load_model(version)
         reference = torch_logits(model, golden)
         build_engine(engine_name, folder, BuildInputs(calibration, golden, reference))
         engine = open_engine(engine_name, folder)
@@ -102,12 +109,20 @@ def prepare(
     return Prepared(version, engine, check, seconds)
 
 
-def activate(slot: EngineSlot, store: Store, repository: ModelRepository, version: str, engine_name: str) -> Prepared:
+def activate(
+    slot: EngineSlot,
+    store: Store,
+    repository: ModelRepository,
+    version: str,
+    engine_name: str,
+    *,
+    model: InspectionModel | None = None,
+) -> Prepared:
     """Prepare `version` on `engine_name` and swap it in; on any failure the live engine stays as it was."""
-    config = repository.load_model(version).config
-    golden = golden_images(store, config)
-    calibration = calibration_images(store, config) if engine_name.endswith("int8") else None
-    prepared = prepare(repository, version, engine_name, golden=golden, calibration=calibration)
+    model = model or repository.load_model(version)  # read once: config, torch reference
+    golden = golden_images(store, model.config)
+    calibration = calibration_images(store, model.config) if engine_name.endswith("int8") else None
+    prepared = prepare(repository, version, engine_name, golden=golden, calibration=calibration, model=model)
     replaced = slot.swap(version, prepared.engine)
     log.info("%s live on %s (was %s): %s", version, engine_name, replaced or "nothing", prepared.parity.describe())
     return prepared
@@ -117,12 +132,17 @@ def _record(folder: Path, engine_name: str, entry: dict[str, Any]) -> None:
     path = folder / ENGINES_FILE
     data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     data[engine_name] = {**entry, "at": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_atomically(path, (json.dumps(data, indent=2, default=_plain) + "\n").encode())
+    write_atomically(path, (json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n").encode())
 
 
-def _plain(value: Any) -> Any:
+def _strict_json(value: Any) -> Any:
+    """Plain JSON: numpy scalars as numbers, infinite/NaN floats (INT8's unbounded max |diff|) as strings."""
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)
-    raise TypeError(f"not JSON: {type(value).__name__}")
+    return value
