@@ -15,13 +15,13 @@ from cl_service.config import Settings
 from cl_service.errors import ErrorCode, ServiceError
 from cl_service.ingest.service import IngestService
 from replay_store.committer import GroupCommitter
-from replay_store.models import Label, Sample, utcnow
+from replay_store.models import Label, ModelVersionRow, Sample, utcnow
 from replay_store.store import Store
 
 log = logging.getLogger(__name__)
 
 # RPCs built so far; the others answer UNIMPLEMENTED (GetStatus lists these).
-CAPABILITIES = ("Ingest", "GetSample", "GetStatus", "Classify")
+CAPABILITIES = ("Ingest", "GetSample", "GetStatus", "Classify", "ListModels", "ActivateModel")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ class StatusView:
     store_backend: str
     capabilities: tuple[str, ...]
     live_model_version: str
+    live_engine: str
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A kept model version and the engines it was successfully published on."""
+
+    row: ModelVersionRow
+    engines: list[str]
 
 
 class ServiceCore:
@@ -99,4 +108,17 @@ class ServiceCore:
             store_backend=self.store.backend,
             capabilities=CAPABILITIES,
             live_model_version=self.live.slot.version or "",
+            live_engine=self.live.engine_name if self.live.slot.version else "",
         )
+
+    def list_models(self, *, include_rejected: bool) -> list[ModelView]:
+        """The kept versions, newest first."""
+        from cl_service.serving.publish import engine_records
+
+        repository = self.live.repository
+        return [
+            ModelView(
+                row, sorted(name for name, r in engine_records(repository.folder(row.version)).items() if r.get("ok"))
+            )
+            for row in repository.versions(include_rejected=include_rejected)
+        ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import sys
 import threading
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a running server's status")
     status.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
 
+    models = commands.add_parser("models", help="list a running server's model versions, or make one live")
+    models.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    models.add_argument("--all", action="store_true", help="also list versions the validation gate rejected")
+    models.add_argument("--activate", metavar="VERSION", help="promote or roll back to this kept version")
+    models.add_argument("--by", help="who asks, for the audit trail (default: your user name)")
+    models.add_argument("--reason", default="", help="why, for the audit trail")
+
     migrate = commands.add_parser("migrate", help="bring the store's schema to this version")
     _settings_flags(migrate)
 
@@ -179,6 +187,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    import grpc
+
+    from cl_service.client import Client
+    from cl_service.v1 import inspection_pb2 as pb
+
+    with Client(args.target, timeout_s=600) as client:
+        if args.activate:
+            try:
+                client.activate_model(args.activate, requested_by=args.by or _user(), reason=args.reason)
+            except grpc.RpcError as exc:
+                print(f"cl-service models: {exc.details()}", file=sys.stderr)
+                return 1
+        reply = client.list_models(include_rejected=args.all)
+    print(f"{'version':<8} {'parent':<8} {'state':<9} {'accuracy':>8} {'macro-F1':>8}  engines       classes")
+    for model in reply.models:
+        accuracy, f1 = (f"{model.metrics[k]:.1%}" if k in model.metrics else "-" for k in ("accuracy", "macro_f1"))
+        mark = " *" if model.live else ""
+        state = pb.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower()
+        print(
+            f"{model.version:<8} {model.parent_version or '-':<8} {state:<9} {accuracy:>8} "
+            f"{f1:>8}  {','.join(model.engines) or '-':<13} {','.join(model.classes)}{mark}"
+        )
+    print(f"live: {reply.live_version or 'none'}")
+    return 0
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        return "cli"
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from replay_store.db import create_store_engine, current_revision, migrate
 
@@ -215,6 +257,7 @@ def cmd_update(args: argparse.Namespace) -> int:
                 bars.update(tasks[stage], completed=step, total=max(total, 1), note=note)
 
             result = run_update(store, repository, update_settings, progress=progress)
+        pruned = repository.prune(settings.keep_versions)
     except UpdateSkippedError as exc:
         print(f"no update: {exc}")
         return 0
@@ -228,6 +271,8 @@ def cmd_update(args: argparse.Namespace) -> int:
         print(f"  validation accuracy {result.candidate.accuracy:.1%}, macro-F1 {result.candidate.macro_f1:.1%}")
     print("  " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    if pruned:
+        print(f"  retention removed {', '.join(pruned)} (keep_versions {settings.keep_versions})")
     return 0 if result.accepted else 1
 
 
@@ -370,6 +415,7 @@ _COMMANDS = {
     "demo": cmd_demo,
     "simulate": cmd_simulate,
     "status": cmd_status,
+    "models": cmd_models,
     "migrate": cmd_migrate,
     "check-store": cmd_check_store,
     "update": cmd_update,

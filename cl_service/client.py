@@ -277,6 +277,17 @@ class Client:
         """The live model's prediction for one encoded image (it names the version that produced it)."""
         return self.stub.Classify(pb.ClassifyRequest(image=image, top_k=top_k), timeout=self.timeout_s).prediction
 
+    def list_models(self, *, include_rejected: bool = False) -> pb.ListModelsReply:
+        """The kept model versions, newest first, and which one is live."""
+        request = pb.ListModelsRequest(include_rejected=include_rejected)
+        return self.stub.ListModels(request, timeout=self.timeout_s)
+
+    def activate_model(self, version: str, *, requested_by: str, reason: str = "") -> pb.ModelVersion:
+        """Make a kept, accepted version live (promotion or rollback). The server builds and checks its engine
+        first, so this can take a while (the client's timeout applies)."""
+        request = pb.ActivateModelRequest(version=version, requested_by=requested_by, reason=reason)
+        return self.stub.ActivateModel(request, timeout=self.timeout_s)
+
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the server answers health checks with SERVING (or raise TimeoutError)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     classify_max_queue: int = Field(256, ge=1, description="Classification requests waiting at most; more are refused.")
     model_poll_s: float = Field(5.0, gt=0, description="How often the server looks for a new live model version.")
+    keep_versions: int = Field(
+        5, ge=1, description="Model versions kept on disk (newest first); the live one is always kept as well."
+    )
     update: UpdateSettings = Field(
         default_factory=UpdateSettings,
         description="How updates train and gate a candidate ([update] table; CL_SERVICE_UPDATE__EPOCHS=...).",

@@ -157,6 +157,21 @@ class ModelVersionRow(SQLModel, table=True):
     created_at: datetime = _time_column()
     activated_at: datetime | None = _time_column(nullable=True)
     live: bool = False
+    # set when retention removed the version's folder: the row stays (history, and names are never reused)
+    pruned_at: datetime | None = _time_column(nullable=True)
+
+
+class ModelActivation(SQLModel, table=True):
+    """The audit trail of the live version: who made which version live, when, instead of which, and why."""
+
+    __tablename__ = "model_activations"
+
+    id: int | None = _id_column()
+    version: str = Field(sa_column=Column(String(64), ForeignKey("model_versions.version"), nullable=False))
+    previous_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    requested_by: str = Field(sa_column=Column(String(128), nullable=False))
+    reason: str = Field(default="", sa_column=Column(String(2048), nullable=False))
+    activated_at: datetime = _time_column()
 
 
 class UpdateRun(SQLModel, table=True):

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,10 @@ from PIL import Image
 
 from cl_service.api.server import RunningServer, server_in_thread
 from cl_service.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from cl_service.learning.model import InspectionModel
+    from cl_service.learning.repository import ModelRepository
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
@@ -33,6 +38,35 @@ def png_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def add_model_version(
+    repository: ModelRepository,
+    version: str,
+    model: InspectionModel,
+    *,
+    accepted: bool = True,
+    make_live: bool = False,
+    metrics: dict[str, Any] | None = None,
+    parent: str | None = None,
+) -> None:
+    """A version's folder and row as an update leaves them, without the training."""
+    from cl_service.learning.model import save_checkpoint
+    from cl_service.learning.repository import CHECKPOINT
+
+    folder = repository.folder(version)
+    folder.mkdir(parents=True)
+    save_checkpoint(folder / CHECKPOINT, model, version=version, parent_version=parent)
+    reason = "test" if accepted else "deliberately rejected in a test"
+    repository.record(
+        version,
+        parent=parent,
+        accepted=accepted,
+        model=model,
+        metrics=metrics or {},
+        reason=reason,
+        make_live=make_live,
+    )
 
 
 @pytest.fixture

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cl_service.app import SampleView, StatusView
+from cl_service.app import ModelView, SampleView, StatusView
 from cl_service.errors import ServiceError
 from cl_service.ingest.service import IngestItem, IngestOutcome, IngestStatus
 from cl_service.v1 import inspection_pb2 as pb
-from replay_store.models import Label, LabelSource, as_utc
+from replay_store.models import Label, LabelSource, ModelState, as_utc
 
 if TYPE_CHECKING:
     from cl_service.serving.live import Classified
@@ -21,6 +21,11 @@ _STATUS = {
     IngestStatus.STORED: pb.INGEST_STATUS_STORED,
     IngestStatus.ALREADY_STORED: pb.INGEST_STATUS_ALREADY_STORED,
     IngestStatus.REJECTED: pb.INGEST_STATUS_REJECTED,
+}
+_MODEL_STATE = {
+    ModelState.CANDIDATE.value: pb.MODEL_STATE_CANDIDATE,
+    ModelState.ACCEPTED.value: pb.MODEL_STATE_ACCEPTED,
+    ModelState.REJECTED.value: pb.MODEL_STATE_REJECTED,
 }
 _SOURCE = {
     LabelSource.OPERATOR: pb.LABEL_SOURCE_OPERATOR,
@@ -51,7 +56,13 @@ def ingest_item(request: pb.IngestRequest) -> IngestItem:
     )
 
 
-def ingest_reply(sequence: int, request_id: str, outcome: IngestOutcome, extra_warnings: list[str]) -> pb.IngestReply:
+def ingest_reply(
+    sequence: int,
+    request_id: str,
+    outcome: IngestOutcome,
+    extra_warnings: list[str],
+    prediction: pb.Prediction | None = None,
+) -> pb.IngestReply:
     reply = pb.IngestReply(
         request_id=request_id,
         sequence=sequence,
@@ -62,6 +73,8 @@ def ingest_reply(sequence: int, request_id: str, outcome: IngestOutcome, extra_w
     )
     if outcome.error is not None:
         reply.error.CopyFrom(error(outcome.error))
+    if prediction is not None:
+        reply.prediction.CopyFrom(prediction)
     return reply
 
 
@@ -112,6 +125,7 @@ def status(view: StatusView) -> pb.ServiceStatus:
         capabilities=list(view.capabilities),
         store_backend=view.store_backend,
         live_model_version=view.live_model_version,
+        live_engine=view.live_engine,
         classes=[
             pb.ClassCount(
                 class_name=name,
@@ -139,4 +153,38 @@ def prediction(classified: Classified, top_k: int) -> pb.Prediction:
             for i in order
         ],
         model_version=classified.version,
+        engine=classified.engine,
     )
+
+
+def model_version(view: ModelView) -> pb.ModelVersion:
+    row = view.row
+    message = pb.ModelVersion(
+        version=row.version,
+        parent_version=row.parent_version or "",
+        state=_MODEL_STATE.get(row.state, pb.MODEL_STATE_UNSPECIFIED),
+        live=row.live,
+        classes=list(row.classes),
+        metrics=validation_metrics(row.metrics),
+        rejection_reason=row.rejection_reason or "",
+        engines=view.engines,
+    )
+    message.created_at.CopyFrom(timestamp(row.created_at))
+    return message
+
+
+def validation_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The flat validation figures of a version (its gate's candidate scores): accuracy, macro_f1,
+    validation_images and accuracy/<class>; {} for a version scored without validation images."""
+    candidate = report.get("candidate") or {}
+    if not candidate:
+        return {}
+    flat = {
+        "accuracy": float(candidate["accuracy"]),
+        "macro_f1": float(candidate["macro_f1"]),
+        "validation_images": float(candidate["n"]),
+    }
+    for name, scores in candidate.get("per_class", {}).items():
+        if scores.get("accuracy") is not None:
+            flat[f"accuracy/{name}"] = float(scores["accuracy"])
+    return flat

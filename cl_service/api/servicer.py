@@ -18,10 +18,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from cl_service.api import convert
-from cl_service.app import ServiceCore
+from cl_service.app import ModelView, ServiceCore
 from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
-from cl_service.ingest.images import decode_checked
-from cl_service.ingest.service import IngestOutcome
+from cl_service.ingest.images import decode_checked, decode_inspected
+from cl_service.ingest.service import IngestOutcome, IngestStatus
 from cl_service.serving.batcher import QueueFullError
 from cl_service.serving.slot import NoLiveEngineError
 from cl_service.v1 import inspection_pb2 as pb
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "cl_service.v1.InspectionService"
 REASON_METADATA_KEY = "cl-error-reason"
 MAX_TOP_K = 20
+INGEST_TOP_K = 3  # classes in an Ingest reply's prediction
 
 M = TypeVar("M", bound=Message)
 
@@ -153,9 +154,28 @@ class InspectionServicer:
         held = await self._budget.acquire(len(request.image))
         try:
             outcome = await self.core.ingest.ingest(convert.ingest_item(request))
+            warnings = unknown_field_warnings(request)
+            prediction = None
+            if outcome.status is not IngestStatus.REJECTED and self.core.live.slot.version is not None:
+                prediction = await self._predict(request.image, warnings)
         finally:
             await self._budget.release(held)
-        await replies.put(convert.ingest_reply(sequence, request.request_id, outcome, unknown_field_warnings(request)))
+        await replies.put(convert.ingest_reply(sequence, request.request_id, outcome, warnings, prediction))
+
+    async def _predict(self, image: bytes, warnings: list[str]) -> pb.Prediction | None:
+        """The live model's prediction for an image the store accepted; None (and a warning when it matters) where
+        there is none: the image is stored either way."""
+        try:
+            decoded = await asyncio.to_thread(decode_inspected, image)
+            return convert.prediction(await self.core.live.classify(decoded), INGEST_TOP_K)
+        except NoLiveEngineError:
+            return None
+        except QueueFullError as exc:
+            warnings.append(f"stored without a prediction: {exc}")
+        except Exception as exc:  # a stored image never fails for want of a prediction
+            log.exception("predicting a stored image failed")
+            warnings.append(f"stored without a prediction: {exc}")
+        return None
 
     # ------------------------------------------------------------------------------------- unary RPCs
 
@@ -200,11 +220,19 @@ class InspectionServicer:
     async def TriggerUpdate(self, request: Any, context: Any) -> pb.UpdateRun:  # noqa: N802
         raise not_implemented("TriggerUpdate (the learning loop)", "issues #3 and #5")
 
-    async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
-        raise not_implemented("ListModels (the model repository)", "issue #4")
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:  # noqa: N802
+        views = await asyncio.to_thread(self.core.list_models, include_rejected=request.include_rejected)
+        live = next((view.row.version for view in views if view.row.live), "")
+        return pb.ListModelsReply(models=[convert.model_version(view) for view in views], live_version=live)
 
-    async def ActivateModel(self, request: Any, context: Any) -> pb.ModelVersion:  # noqa: N802
-        raise not_implemented("ActivateModel (hot swap and rollback)", "issue #4")
+    async def ActivateModel(self, request: pb.ActivateModelRequest, context: Any) -> pb.ModelVersion:  # noqa: N802
+        for name, value, limit in (("requested_by", request.requested_by, 128), ("reason", request.reason, 2048)):
+            if len(value) > limit:
+                raise invalid(f"{name.upper()}_TOO_LONG", f"{name} is at most {limit} characters, got {len(value)}")
+        row = await self.core.live.activate(request.version, requested_by=request.requested_by, reason=request.reason)
+        views = await asyncio.to_thread(self.core.list_models, include_rejected=False)
+        view = next((view for view in views if view.row.version == row.version), None)
+        return convert.model_version(view or ModelView(row, []))
 
     async def WatchAlerts(self, request: Any, context: Any) -> AsyncIterator[pb.AlertEvent]:  # noqa: N802
         raise not_implemented("WatchAlerts (unknown-defect alerts)", "issue #5")

@@ -82,6 +82,11 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
 def decode_checked(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """`inspect_image`'s checks, then the decoded image (first frame) for classification."""
     inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return decode_inspected(data)
+
+
+def decode_inspected(data: bytes) -> Image.Image:
+    """The decoded image (first frame) of bytes that passed `inspect_image` already."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))

@@ -3,6 +3,10 @@
 `cl-service update` (or, later, the scheduler) makes a version live in the store; the server notices within
 `model_poll_s`, publishes it onto the configured engine (build, warm-up, parity) and hot-swaps it in. A version
 that fails is recorded, logged and not retried until another version becomes live; the old engine keeps serving.
+
+`activate` (the ActivateModel RPC: promotion or rollback) works the other way round: the engine is built and
+checked first, and only then is the version marked live in the store (with the audit trail) and swapped in, so a
+version that cannot serve never becomes live anywhere.
 """
 
 from __future__ import annotations
@@ -10,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from cl_service.config import Settings
 from cl_service.engines.base import default_engine
+from cl_service.errors import ErrorCode, ServiceError
 from cl_service.learning.model import preprocess
-from cl_service.learning.repository import ModelRepository
+from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.serving.batcher import MicroBatcher
-from cl_service.serving.publish import activate
+from cl_service.serving.publish import prepare_version
 from cl_service.serving.slot import EngineSlot, NoLiveEngineError
+from replay_store.models import ModelState, ModelVersionRow
 from replay_store.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Classified:
     version: str
+    engine: str
     classes: tuple[str, ...]
     probabilities: np.ndarray  # (C,) float32, summing to 1
 
@@ -56,6 +64,7 @@ class LiveModels:
         self._served: dict[str, _Served] = {}
         self._failed: set[str] = set()
         self._poller: asyncio.Task[None] | None = None
+        self._publishing = asyncio.Lock()  # one publication (poll or ActivateModel) at a time
 
     async def start(self) -> None:
         """Start batching and polling; the first look for a live version happens at once, in the background."""
@@ -72,21 +81,83 @@ class LiveModels:
 
     async def refresh(self) -> str | None:
         """Publish the store's live version if it is not the one serving; returns the serving version."""
-        row = await asyncio.to_thread(self.repository.live)
-        if row is None or row.version == self.slot.version or row.version in self._failed:
+        async with self._publishing:
+            row = await asyncio.to_thread(self.repository.live)
+            if row is None or row.version == self.slot.version or row.version in self._failed:
+                return self.slot.version
+            try:
+                await self._publish(row.version)
+            except Exception:  # publish recorded why; the old engine keeps serving
+                log.exception(
+                    "%s cannot go live on %s; still serving %s", row.version, self.engine_name, self.slot.version
+                )
+                self._failed.add(row.version)
             return self.slot.version
-        try:
-            model = await asyncio.to_thread(self.repository.load_model, row.version)
-            # known before the swap: a reply from the new engine may come the moment it is live
-            self._served[row.version] = _Served(tuple(model.classes), model.config)
-            await asyncio.to_thread(
-                activate, self.slot, self.store, self.repository, row.version, self.engine_name, model=model
+
+    async def activate(self, version: str, *, requested_by: str, reason: str) -> ModelVersionRow:
+        """Make a kept, accepted version live (promotion or rollback): build and check its engine, then mark it
+        live in the store with the audit entry, then swap. On failure nothing changes, here or in the store."""
+        if not requested_by.strip():
+            raise ServiceError(ErrorCode.INVALID_ARGUMENT, "REQUESTED_BY_MISSING", "say who asks (requested_by)")
+        await asyncio.to_thread(self.check_activatable, version)
+        async with self._publishing:
+            live = await asyncio.to_thread(self.repository.live)
+            if self.slot.version == version:
+                if live is None or live.version != version:  # serving already; the store learns it now
+                    await asyncio.to_thread(self.repository.set_live, version, requested_by=requested_by, reason=reason)
+            else:
+                try:
+                    await self._publish(
+                        version,
+                        before_swap=lambda: self.repository.set_live(version, requested_by=requested_by, reason=reason),
+                    )
+                except Exception as exc:
+                    raise ServiceError(
+                        ErrorCode.FAILED_PRECONDITION,
+                        "MODEL_ENGINE_FAILED",
+                        f"{version} cannot serve on {self.engine_name}, {self.slot.version or 'nothing'} stays live: "
+                        f"{exc}",
+                    ) from exc
+                self._failed.discard(version)
+        row = await asyncio.to_thread(self.repository.get, version)
+        assert row is not None  # checked above; rows are never deleted
+        return row
+
+    def check_activatable(self, version: str) -> None:
+        """Raise the ServiceError that says why `version` cannot be made live, if it cannot."""
+        row = self.repository.get(version) if version and len(version) <= 64 else None
+        if row is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND", f"there is no model version {version!r}")
+        if row.state != ModelState.ACCEPTED.value:
+            raise ServiceError(
+                ErrorCode.FAILED_PRECONDITION,
+                "MODEL_REJECTED",
+                f"{version} was rejected by the validation gate and cannot be made live: {row.rejection_reason}",
             )
-        except Exception:  # publish recorded why; the old engine keeps serving
-            log.exception("%s cannot go live on %s; still serving %s", row.version, self.engine_name, self.slot.version)
-            self._failed.add(row.version)
-            self._served.pop(row.version, None)
-        return self.slot.version
+        if row.pruned_at is not None or not (self.repository.folder(version) / CHECKPOINT).exists():
+            raise ServiceError(
+                ErrorCode.FAILED_PRECONDITION,
+                "MODEL_NOT_KEPT",
+                f"{version} is no longer kept: retention removed its files (keep_versions)",
+            )
+
+    async def _publish(self, version: str, *, before_swap: Callable[[], object] | None = None) -> None:
+        model = await asyncio.to_thread(self.repository.load_model, version)
+        # known before the swap: a reply from the new engine may come the moment it is live
+        self._served[version] = _Served(tuple(model.classes), model.config)
+        prepared = await asyncio.to_thread(
+            prepare_version, self.store, self.repository, version, self.engine_name, model=model
+        )
+        if before_swap is not None:
+            try:
+                await asyncio.to_thread(before_swap)
+            except BaseException:
+                prepared.engine.close()
+                raise
+        replaced = await asyncio.to_thread(self.slot.swap, version, prepared.engine)
+        log.info(
+            "%s live on %s (was %s): %s", version, self.engine_name, replaced or "nothing", prepared.parity.describe()
+        )
 
     async def _poll(self) -> None:
         while True:
@@ -106,4 +177,9 @@ class LiveModels:
         served = self._served[prediction.version]
         logits = prediction.logits.astype(np.float64)
         probabilities = np.exp(logits - logits.max())
-        return Classified(prediction.version, served.classes, (probabilities / probabilities.sum()).astype(np.float32))
+        return Classified(
+            prediction.version,
+            self.engine_name,
+            served.classes,
+            (probabilities / probabilities.sum()).astype(np.float32),
+        )

@@ -109,6 +109,16 @@ def prepare(
     return Prepared(version, engine, check, seconds)
 
 
+def prepare_version(
+    store: Store, repository: ModelRepository, version: str, engine_name: str, *, model: InspectionModel | None = None
+) -> Prepared:
+    """`prepare` with the golden batch (and, for INT8, the calibration images) taken from the store."""
+    model = model or repository.load_model(version)  # read once: config, torch reference
+    golden = golden_images(store, model.config)
+    calibration = calibration_images(store, model.config) if engine_name.endswith("int8") else None
+    return prepare(repository, version, engine_name, golden=golden, calibration=calibration, model=model)
+
+
 def activate(
     slot: EngineSlot,
     store: Store,
@@ -119,20 +129,26 @@ def activate(
     model: InspectionModel | None = None,
 ) -> Prepared:
     """Prepare `version` on `engine_name` and swap it in; on any failure the live engine stays as it was."""
-    model = model or repository.load_model(version)  # read once: config, torch reference
-    golden = golden_images(store, model.config)
-    calibration = calibration_images(store, model.config) if engine_name.endswith("int8") else None
-    prepared = prepare(repository, version, engine_name, golden=golden, calibration=calibration, model=model)
+    prepared = prepare_version(store, repository, version, engine_name, model=model)
     replaced = slot.swap(version, prepared.engine)
     log.info("%s live on %s (was %s): %s", version, engine_name, replaced or "nothing", prepared.parity.describe())
     return prepared
 
 
-def _record(folder: Path, engine_name: str, entry: dict[str, Any]) -> None:
+def engine_records(folder: Path) -> dict[str, Any]:
+    """What `engines.json` says about each engine tried for a version ({} when none was)."""
     path = folder / ENGINES_FILE
-    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record(folder: Path, engine_name: str, entry: dict[str, Any]) -> None:
+    data = engine_records(folder)
     data[engine_name] = {**entry, "at": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_atomically(path, (json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n").encode())
+    write_atomically(folder / ENGINES_FILE, (json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n").encode())
 
 
 def _strict_json(value: Any) -> Any:

@@ -20,7 +20,7 @@ from cl_service.learning.model import InspectionModel, save_checkpoint
 from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.v1 import inspection_pb2 as pb
-from tests.conftest import png_bytes
+from tests.conftest import add_model_version, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +40,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, ModelRepository]]:
 
 
 def _make_live(repository: ModelRepository, version: str, model: InspectionModel) -> None:
-    folder = repository.folder(version)
-    folder.mkdir(parents=True)
-    save_checkpoint(folder / CHECKPOINT, model, version=version, parent_version=None)
-    repository.record(version, parent=None, accepted=True, model=model, metrics={}, reason="test", make_live=True)
+    add_model_version(repository, version, model, make_live=True)
 
 
 def _wait_for(client: Client, version: str, timeout_s: float = 60.0) -> None:
