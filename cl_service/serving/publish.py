@@ -1,5 +1,5 @@
 """Putting a model version behind an engine: build -> load -> warm up -> parity with torch on a golden batch from the
-store -> record -> swap.
+store (INT8: also accuracy on the version's validation split) -> record -> swap.
 
 Every attempt, passed or failed, is recorded in the version's folder (`engines.json`: per engine, the parity figures,
 what the engine is bound to, or the error). A failed build, load, warm-up or parity check raises and leaves the live
@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cl_service.engines.base import Batch, BuildInputs, Engine, EngineError, build_engine, open_engine
 from cl_service.engines.export import Parity, parity, torch_logits
+from cl_service.learning.data import split_validation
 from cl_service.learning.model import InspectionModel, preprocess_encoded
 from cl_service.learning.repository import ModelRepository
-from cl_service.learning.settings import ModelConfig
+from cl_service.learning.settings import ModelConfig, UpdateSettings
 from cl_service.serving.slot import EngineSlot
 from replay_store.exemplars import ReplayBuffer
 from replay_store.files import write_atomically
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 ENGINES_FILE = "engines.json"
 GOLDEN_IMAGES = 32
 CALIBRATION_IMAGES = 128
+VALIDATION_IMAGES = 512
+MAX_INT8_ACCURACY_DROP = 0.01  # INT8 may cost at most 1 point of validation accuracy against torch
 WARMUP_BATCHES = (1, 8)
 
 
@@ -71,6 +76,25 @@ def calibration_images(store: Store, config: ModelConfig, count: int = CALIBRATI
     return preprocess_encoded([blobs[row.sha256] for row in chosen], config).numpy()
 
 
+def validation_images(
+    store: Store, repository: ModelRepository, version: str, model: InspectionModel
+) -> tuple[Batch, list[str]] | None:
+    """The version's validation split (the same rule and settings its update used), labels in its classes;
+    None while there are no such images."""
+    row = repository.get(version)
+    try:
+        chosen = UpdateSettings.model_validate((row.metrics.get("settings") if row else None) or {})
+    except ValidationError:  # written by another release: today's defaults draw the same kind of split
+        chosen = UpdateSettings()
+    _, rows = split_validation(store.snapshot().human, chosen.val_fraction, chosen.val_max_per_class)
+    rows = [row for row in rows if row.label in model.classes][:VALIDATION_IMAGES]
+    if not rows:
+        return None
+    blobs = store.read_blobs([row.sha256 for row in rows])
+    images = preprocess_encoded([blobs[row.sha256] for row in rows], model.config).numpy()
+    return images, [row.label or "" for row in rows]
+
+
 def prepare(
     repository: ModelRepository,
     version: str,
@@ -78,9 +102,11 @@ def prepare(
     *,
     golden: Batch,
     calibration: Batch | None = None,
+    validation: tuple[Batch, Sequence[str]] | None = None,
     model: InspectionModel | None = None,
 ) -> Prepared:
-    """A loaded, warmed-up engine of `version` whose parity with torch on `golden` passed; recorded either way.
+    """A loaded, warmed-up engine of `version` whose parity with torch on `golden` passed (and, for INT8, whose
+    accuracy on `validation` is within MAX_INT8_ACCURACY_DROP of torch's); recorded either way.
     `model`: the version's model when the caller has it loaded already."""
     folder = repository.folder(version)
     started = time.perf_counter()
@@ -96,6 +122,14 @@ def prepare(
         check = parity(engine_name, reference, engine.infer(golden), precision=precision)
         if not check.passed:
             raise ParityError(f"{version}: {check.describe()}")
+        accuracy = None
+        if precision == "int8" and validation is not None:
+            accuracy = _accuracy_against_torch(model, engine, *validation)
+            if accuracy["torch"] - accuracy["engine"] > MAX_INT8_ACCURACY_DROP:
+                raise ParityError(
+                    f"{version}: {engine_name} validation accuracy {accuracy['engine']:.1%} on {accuracy['images']} "
+                    f"images, torch {accuracy['torch']:.1%}: more than {MAX_INT8_ACCURACY_DROP:.0%} lost"
+                )
     except Exception as exc:
         if engine is not None:
             engine.close()
@@ -103,10 +137,21 @@ def prepare(
         log.error("%s on %s cannot go live: %s", engine_name, version, exc)
         raise
     seconds = time.perf_counter() - started
-    _record(
-        folder, engine_name, {"ok": True, "parity": check.to_dict(), "engine": engine.describe(), "seconds": seconds}
-    )
+    entry = {"ok": True, "parity": check.to_dict(), "engine": engine.describe(), "seconds": seconds}
+    _record(folder, engine_name, entry if accuracy is None else {**entry, "validation": accuracy})
     return Prepared(version, engine, check, seconds)
+
+
+def _accuracy_against_torch(
+    model: InspectionModel, engine: Engine, images: Batch, labels: Sequence[str]
+) -> dict[str, float]:
+    truth = np.array([model.classes.index(label) for label in labels])
+    engine_logits = np.concatenate([engine.infer(images[i : i + 64]) for i in range(0, len(images), 64)])
+    return {
+        "images": len(labels),
+        "torch": float((torch_logits(model, images).argmax(1) == truth).mean()),
+        "engine": float((engine_logits.argmax(1) == truth).mean()),
+    }
 
 
 def prepare_version(
@@ -115,8 +160,13 @@ def prepare_version(
     """`prepare` with the golden batch (and, for INT8, the calibration images) taken from the store."""
     model = model or repository.load_model(version)  # read once: config, torch reference
     golden = golden_images(store, model.config)
-    calibration = calibration_images(store, model.config) if engine_name.endswith("int8") else None
-    return prepare(repository, version, engine_name, golden=golden, calibration=calibration, model=model)
+    calibration = validation = None
+    if engine_name.endswith("int8"):
+        calibration = calibration_images(store, model.config)
+        validation = validation_images(store, repository, version, model)
+    return prepare(
+        repository, version, engine_name, golden=golden, calibration=calibration, validation=validation, model=model
+    )
 
 
 def activate(

@@ -6,6 +6,8 @@ skip with the reason `availability` gives.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,10 @@ from cl_service.engines.base import (
 )
 from cl_service.engines.export import ONNX_FILE, export_onnx, parity, torch_logits
 from cl_service.learning.model import InspectionModel, load_checkpoint, save_checkpoint
-from cl_service.learning.repository import CHECKPOINT
+from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
+from cl_service.serving import publish
+from replay_store.store import Store
 
 SIZE = 64
 CLASSES = ["good", "patch", "pit", "scratch"]
@@ -152,6 +156,33 @@ def test_int8_is_refused_without_calibration_or_below_the_agreement_floor(
     with pytest.raises(EngineError, match="rejected: top-1 agreement with FP32"):
         build_engine("onnxruntime-int8", folder, inputs)
     assert not (folder / onnx_engine.INT8_FILE).exists()
+
+
+def test_int8_goes_live_only_within_one_point_of_torch_on_validation_images(
+    version_dir: Path, inputs: BuildInputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    repository = ModelRepository(tmp_path / "models", store)
+    repository.folder("v0001").mkdir(parents=True)
+    shutil.copy(version_dir / CHECKPOINT, repository.folder("v0001") / CHECKPOINT)
+    images, labels = _striped_images(seed=50, count=64)  # not seen by the head's fit nor the calibration
+    assert inputs.golden is not None
+    arguments = {
+        "golden": inputs.golden,
+        "calibration": inputs.calibration,
+        "validation": (images, [CLASSES[i] for i in labels]),
+    }
+    prepared = publish.prepare(repository, "v0001", "onnxruntime-int8", **arguments)  # type: ignore[arg-type]
+    prepared.engine.close()
+    recorded = json.loads((repository.folder("v0001") / publish.ENGINES_FILE).read_text())["onnxruntime-int8"]
+    assert recorded["ok"] and recorded["validation"]["images"] == 64
+    assert recorded["validation"]["torch"] - recorded["validation"]["engine"] <= 0.01
+    monkeypatch.setattr(publish, "MAX_INT8_ACCURACY_DROP", -0.01)  # no engine can be better than torch by that
+    with pytest.raises(publish.ParityError, match="validation accuracy"):
+        publish.prepare(repository, "v0001", "onnxruntime-int8", **arguments)  # type: ignore[arg-type]
+    recorded = json.loads((repository.folder("v0001") / publish.ENGINES_FILE).read_text())["onnxruntime-int8"]
+    assert not recorded["ok"] and "validation accuracy" in recorded["error"]
+    store.close()
 
 
 def test_a_corrupted_onnx_file_fails_to_load_with_a_clear_error(version_dir: Path, tmp_path: Path) -> None:
