@@ -1,4 +1,4 @@
-"""The `cl-service` command: serve, demo, simulate, status, migrate, update, eval-stream, check-store.
+"""The `cl-service` command: serve, demo, simulate, status, models, migrate, update, eval-stream, check-store.
 
 Settings come from one place (cl_service.config.load_settings): flags here override environment
 variables (CL_SERVICE_*), which override the TOML file given with --config.

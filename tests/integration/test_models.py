@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cl_service.api.server import server_in_thread
+from cl_service.cli import main
 from cl_service.client import CameraClient, CameraImage, Client
 from cl_service.config import load_settings
 from cl_service.engines.export import ONNX_FILE
@@ -68,7 +69,7 @@ def _refusal(call: object) -> tuple[grpc.StatusCode, str]:
     return error.code(), dict(error.trailing_metadata() or ()).get("cl-error-reason", "")  # type: ignore[attr-defined]
 
 
-def test_list_activate_roll_back_and_refuse(served: Served) -> None:
+def test_list_activate_roll_back_and_refuse(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
     repository = served.repository
     add_model_version(repository, "v0001", _model(2, 1), metrics=METRICS, make_live=True)
     add_model_version(repository, "v0002", _model(3, 2), parent="v0001", make_live=True)
@@ -79,7 +80,7 @@ def test_list_activate_roll_back_and_refuse(served: Served) -> None:
         assert [m.version for m in listed.models] == ["v0002", "v0001"] and listed.live_version == "v0002"
         newest, oldest = listed.models
         assert newest.live and newest.parent_version == "v0001" and list(newest.classes) == CLASSES[:3]
-        assert newest.engines == ["onnxruntime"] and oldest.engines == []  # v0001 never reached this server
+        assert newest.engines == ["onnxruntime"]
         assert newest.state == pb.MODEL_STATE_ACCEPTED and newest.created_at.seconds > 0
         assert dict(oldest.metrics) == pytest.approx(
             {"accuracy": 0.9, "macro_f1": 0.8, "validation_images": 10.0, "accuracy/good": 1.0}
@@ -102,6 +103,13 @@ def test_list_activate_roll_back_and_refuse(served: Served) -> None:
         ]
         assert trail[-1].reason == "v0002 misses pits"
         assert client.activate_model("v0001", requested_by="alice").live  # already live: nothing to do
+        assert main(["models", "--target", served.target, "--activate", "v0002", "--by", "eve"]) == 0
+        assert client.status().live_model_version == "v0002" and repository.activations()[-1].requested_by == "eve"
+        assert main(["models", "--target", served.target, "--activate", "v0001", "--by", "eve"]) == 0
+        printed = capsys.readouterr().out
+        assert "v0001    -        accepted     90.0%    80.0%  onnxruntime   good,pit *" in printed, printed
+        assert main(["models", "--target", served.target, "--activate", "v0003"]) == 1
+        assert "rejected by the validation gate" in capsys.readouterr().err
 
         failed = grpc.StatusCode.FAILED_PRECONDITION
         assert _refusal(lambda: client.activate_model("v0003", requested_by="bob")) == (failed, "MODEL_REJECTED")
@@ -122,7 +130,7 @@ def test_list_activate_roll_back_and_refuse(served: Served) -> None:
         assert _refusal(lambda: client.activate_model("v0004", requested_by="carol")) == (failed, "MODEL_ENGINE_FAILED")
         assert client.status().live_model_version == "v0001" and client.list_models().live_version == "v0001"
         assert client.classify(png_bytes(6)).model_version == "v0001"
-        assert len(repository.activations()) == 3
+        assert len(repository.activations()) == 5
 
         # retention: the newest two and the live one stay; an older one is gone and cannot come back
         add_model_version(repository, "v0005", _model(4, 5), parent="v0001")
