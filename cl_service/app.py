@@ -6,22 +6,34 @@ layer (gRPC) and the CLI hold a core; the core knows nothing about them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from cl_service import __version__
 from cl_service.config import Settings
 from cl_service.errors import ErrorCode, ServiceError
 from cl_service.ingest.service import IngestService
 from replay_store.committer import GroupCommitter
-from replay_store.models import Label, ModelVersionRow, Sample, utcnow
+from replay_store.models import Label, ModelVersionRow, PredictionRow, Sample, utcnow
+from replay_store.operator import prediction_of
 from replay_store.store import Store
 
 log = logging.getLogger(__name__)
 
 # RPCs built so far; the others answer UNIMPLEMENTED (GetStatus lists these).
-CAPABILITIES = ("Ingest", "GetSample", "GetStatus", "Classify", "ListModels", "ActivateModel")
+CAPABILITIES = (
+    "Ingest",
+    "GetSample",
+    "GetStatus",
+    "Classify",
+    "ListModels",
+    "ActivateModel",
+    "SubmitCorrection",
+    "ListReviewQueue",
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class SampleView:
     labels: list[Label]
     effective_label: Label | None
     image: bytes | None
+    prediction: PredictionRow | None = None
+    heatmap_png: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -86,13 +100,22 @@ class ServiceCore:
         self.committer.close()
         self.store.close()
 
-    def get_sample(self, sample_id: int, *, include_image: bool) -> SampleView:
+    def heatmap_path(self, sample_id: int) -> Path:
+        """Where the anomaly heatmap (PNG) of a sample is kept, when it has one."""
+        return self.settings.data_dir / "heatmaps" / f"{sample_id}.png"
+
+    def get_sample(self, sample_id: int, *, include_image: bool, include_heatmap: bool = False) -> SampleView:
         sample = self.store.get_sample(sample_id)
         if sample is None:
             raise ServiceError(ErrorCode.NOT_FOUND, "SAMPLE_NOT_FOUND", f"there is no sample {sample_id}")
         labels = self.store.labels_of(sample_id)
         image = self.store.read_blob(sample.sha256) if include_image else None
-        return SampleView(sample, labels, self.store.effective_label(sample_id), image)
+        prediction = prediction_of(self.store, sample_id)
+        heatmap = None
+        if include_heatmap:
+            with contextlib.suppress(FileNotFoundError):
+                heatmap = self.heatmap_path(sample_id).read_bytes()
+        return SampleView(sample, labels, self.store.effective_label(sample_id), image, prediction, heatmap)
 
     def status(self) -> StatusView:
         counts = self.store.counts()

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -269,13 +269,41 @@ class Client:
     def status(self) -> pb.ServiceStatus:
         return self.stub.GetStatus(pb.GetStatusRequest(), timeout=self.timeout_s)
 
-    def get_sample(self, sample_id: int, *, include_image: bool = False) -> pb.Sample:
-        request = pb.GetSampleRequest(sample_id=sample_id, include_image=include_image)
+    def get_sample(self, sample_id: int, *, include_image: bool = False, include_heatmap: bool = False) -> pb.Sample:
+        request = pb.GetSampleRequest(sample_id=sample_id, include_image=include_image, include_heatmap=include_heatmap)
         return self.stub.GetSample(request, timeout=self.timeout_s)
 
     def classify(self, image: bytes, *, top_k: int = 1) -> pb.Prediction:
         """The live model's prediction for one encoded image (it names the version that produced it)."""
         return self.stub.Classify(pb.ClassifyRequest(image=image, top_k=top_k), timeout=self.timeout_s).prediction
+
+    def submit_corrections(
+        self, operator_id: str, corrections: Sequence[tuple[int, str] | pb.Correction]
+    ) -> list[pb.CorrectionResult]:
+        """Label samples as an operator: (sample_id, class_name) pairs or full Correction messages (new_class,
+        note); one result per correction, in order."""
+        messages = [
+            c if isinstance(c, pb.Correction) else pb.Correction(sample_id=c[0], class_name=c[1]) for c in corrections
+        ]
+        request = pb.SubmitCorrectionRequest(operator_id=operator_id, corrections=messages)
+        return list(self.stub.SubmitCorrection(request, timeout=self.timeout_s).results)
+
+    def review_queue(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        reason: pb.ReviewReason.ValueType = pb.REVIEW_REASON_UNSPECIFIED,
+        camera_id: str = "",
+    ) -> pb.ListReviewQueueReply:
+        """One page of the samples a label would help most (pass next_page_token back for the next page)."""
+        request = pb.ListReviewQueueRequest(
+            page_size=page_size,
+            page_token=page_token,
+            reason=reason,
+            camera_id=camera_id,
+        )
+        return self.stub.ListReviewQueue(request, timeout=self.timeout_s)
 
     def list_models(self, *, include_rejected: bool = False) -> pb.ListModelsReply:
         """The kept model versions, newest first, and which one is live."""

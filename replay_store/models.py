@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -213,6 +214,8 @@ class Alert(SQLModel, table=True):
     acknowledged_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     acknowledged_at: datetime | None = _time_column(nullable=True)
     note: str | None = Field(default=None, sa_column=Column(String(1024), nullable=True))
+    # the mean L2-normalised embedding of the incident's images (float32 bytes): what groups similar images
+    centroid: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 class AlertEvent(SQLModel, table=True):
@@ -224,6 +227,38 @@ class AlertEvent(SQLModel, table=True):
     alert_id: int = Field(sa_column=Column(ID_TYPE, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False))
     event_type: str = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = _time_column()
+
+
+class PredictionRow(SQLModel, table=True):
+    """The latest prediction for a sample by the inspector (the live model and its anomaly model): what the
+    review queue ranks and GetSample returns."""
+
+    __tablename__ = "predictions"
+
+    sample_id: int = Field(
+        sa_column=Column(ID_TYPE, ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    )
+    model_version: str = Field(sa_column=Column(String(64), nullable=False))
+    class_name: str = Field(sa_column=Column(String(64), nullable=False))
+    confidence: float
+    margin: float  # top-1 minus top-2 probability
+    top_classes: dict[str, float] = _json_column()
+    anomaly_score: float | None = None
+    anomaly_threshold: float | None = None
+    anomalous: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, index=True))
+    alert_id: int | None = Field(default=None, sa_column=Column(ID_TYPE, nullable=True))
+    created_at: datetime = _time_column()
+
+
+class Lease(SQLModel, table=True):
+    """A named lease held by one process until it expires (single-flight jobs across server processes)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    owner: str = Field(sa_column=Column(String(128), nullable=False))
+    acquired_at: datetime = _time_column()
+    expires_at: datetime = _time_column()
 
 
 class EmbeddingRow(SQLModel, table=True):

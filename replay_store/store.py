@@ -224,7 +224,7 @@ class Store:
             ids = sql.insert_samples(connection, SAMPLES, [_sample_row(item, now) for item in items])
             labeled = [(sid, item) for sid, item in zip(ids, items, strict=True) if item.label]
             if labeled:
-                self._ensure_classes(connection, {item.label for _, item in labeled if item.label}, now)
+                self.ensure_classes(connection, {item.label for _, item in labeled if item.label}, now)
                 label_rows = [
                     {
                         "sample_id": sid,
@@ -240,14 +240,20 @@ class Store:
         return ids
 
     @staticmethod
-    def _ensure_classes(connection: Any, names: set[str], now: datetime, *, created_by: str = "camera") -> None:
+    def ensure_classes(
+        connection: Any, names: set[str], now: datetime, *, created_by: str = "camera", source: str | None = None
+    ) -> None:
+        """Create the classes among `names` that do not exist yet (in the caller's transaction)."""
         table = CLASSES
         known = set(connection.execute(select(table.c.name).where(table.c.name.in_(names))).scalars())
         missing = sorted(names - known)
         if missing:
             connection.execute(
                 insert(table),
-                [{"name": name, "created_at": now, "created_by": created_by, "source": created_by} for name in missing],
+                [
+                    {"name": name, "created_at": now, "created_by": created_by, "source": source or created_by}
+                    for name in missing
+                ],
             )
 
     # ---------------------------------------------------------------------------------------- reads
@@ -368,7 +374,7 @@ class Store:
             ]
             if rows:
                 names = {label.class_name for label in labels if label.sample_id not in labeled}
-                self._ensure_classes(connection, names, now, created_by="teacher")
+                self.ensure_classes(connection, names, now, created_by="teacher")
                 connection.execute(insert(LABELS), rows)
         return len(rows)
 

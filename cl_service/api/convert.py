@@ -9,10 +9,11 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cl_service.app import ModelView, SampleView, StatusView
-from cl_service.errors import ServiceError
+from cl_service.errors import ServiceError, invalid
 from cl_service.ingest.service import IngestItem, IngestOutcome, IngestStatus
+from cl_service.operator import CorrectionResult, ReviewItem, ReviewReason
 from cl_service.v1 import inspection_pb2 as pb
-from replay_store.models import Label, LabelSource, ModelState, as_utc
+from replay_store.models import Label, LabelSource, ModelState, PredictionRow, as_utc
 
 if TYPE_CHECKING:
     from cl_service.serving.live import Classified
@@ -26,6 +27,12 @@ _MODEL_STATE = {
     ModelState.CANDIDATE.value: pb.MODEL_STATE_CANDIDATE,
     ModelState.ACCEPTED.value: pb.MODEL_STATE_ACCEPTED,
     ModelState.REJECTED.value: pb.MODEL_STATE_REJECTED,
+}
+_REVIEW_REASON = {
+    ReviewReason.LOW_CONFIDENCE: pb.REVIEW_REASON_LOW_CONFIDENCE,
+    ReviewReason.ANOMALOUS: pb.REVIEW_REASON_ANOMALOUS,
+    ReviewReason.DISAGREEMENT: pb.REVIEW_REASON_DISAGREEMENT,
+    ReviewReason.RARE_CLASS: pb.REVIEW_REASON_RARE_CLASS,
 }
 _SOURCE = {
     LabelSource.OPERATOR: pb.LABEL_SOURCE_OPERATOR,
@@ -111,6 +118,50 @@ def sample(view: SampleView) -> pb.Sample:
     message.received_at.CopyFrom(timestamp(row.received_at))
     if view.effective_label is not None:
         message.effective_label.CopyFrom(label(view.effective_label))
+    if view.prediction is not None:
+        message.prediction.CopyFrom(stored_prediction(view.prediction))
+    if view.heatmap_png:
+        message.heatmap_png = view.heatmap_png
+    return message
+
+
+def stored_prediction(row: PredictionRow) -> pb.Prediction:
+    """A prediction the inspector stored (top classes highest first, anomaly fields where it was scored)."""
+    ranked = sorted(row.top_classes.items(), key=lambda item: -item[1])
+    message = pb.Prediction(
+        class_name=row.class_name,
+        confidence=row.confidence,
+        top_classes=[pb.ClassScore(class_name=name, probability=p) for name, p in ranked],
+        anomalous=row.anomalous,
+        model_version=row.model_version,
+    )
+    if row.anomaly_score is not None:
+        message.anomaly_score = row.anomaly_score
+        message.anomaly_threshold = row.anomaly_threshold or 0.0
+    return message
+
+
+def review_item(item: ReviewItem) -> pb.ReviewItem:
+    view = SampleView(item.sample, [], None, None, item.prediction)
+    return pb.ReviewItem(sample=sample(view), priority=item.priority, reasons=[_REVIEW_REASON[r] for r in item.reasons])
+
+
+def review_reason(value: int) -> ReviewReason | None:
+    """The core's reason for a request's filter (UNSPECIFIED: None); unknown numbers are refused."""
+    if value == pb.REVIEW_REASON_UNSPECIFIED:
+        return None
+    for reason, number in _REVIEW_REASON.items():
+        if number == value:
+            return reason
+    raise invalid("REVIEW_REASON_INVALID", f"unknown review reason {value}")
+
+
+def correction_result(result: CorrectionResult) -> pb.CorrectionResult:
+    message = pb.CorrectionResult(sample_id=result.sample_id, accepted=result.label is not None)
+    if result.label is not None:
+        message.label.CopyFrom(label(result.label))
+    if result.error is not None:
+        message.error.CopyFrom(error(result.error))
     return message
 
 

@@ -22,6 +22,7 @@ from cl_service.app import ModelView, ServiceCore
 from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
 from cl_service.ingest.images import decode_checked, decode_inspected
 from cl_service.ingest.service import IngestOutcome, IngestStatus
+from cl_service.operator import CorrectionRequest, review_queue, submit_corrections
 from cl_service.serving.batcher import QueueFullError
 from cl_service.serving.slot import NoLiveEngineError
 from cl_service.v1 import inspection_pb2 as pb
@@ -182,7 +183,12 @@ class InspectionServicer:
     async def GetSample(self, request: pb.GetSampleRequest, context: Any) -> pb.Sample:  # noqa: N802
         if request.sample_id <= 0:
             raise invalid("SAMPLE_ID_INVALID", "sample_id must be a positive sample id")
-        view = await asyncio.to_thread(self.core.get_sample, request.sample_id, include_image=request.include_image)
+        view = await asyncio.to_thread(
+            self.core.get_sample,
+            request.sample_id,
+            include_image=request.include_image,
+            include_heatmap=request.include_heatmap,
+        )
         return convert.sample(view)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.ServiceStatus:  # noqa: N802
@@ -208,11 +214,35 @@ class InspectionServicer:
             ) from None
         return pb.ClassifyReply(prediction=convert.prediction(classified, request.top_k))
 
-    async def SubmitCorrection(self, request: Any, context: Any) -> pb.SubmitCorrectionReply:  # noqa: N802
-        raise not_implemented("SubmitCorrection (the operator loop)", "issue #5")
+    async def SubmitCorrection(  # noqa: N802
+        self, request: pb.SubmitCorrectionRequest, context: Any
+    ) -> pb.SubmitCorrectionReply:
+        corrections = [CorrectionRequest(c.sample_id, c.class_name, c.new_class, c.note) for c in request.corrections]
+        results = await asyncio.to_thread(
+            submit_corrections,
+            self.core.store,
+            request.operator_id,
+            corrections,
+            allowed_classes=self.core.settings.allowed_classes,
+        )
+        return pb.SubmitCorrectionReply(results=[convert.correction_result(result) for result in results])
 
-    async def ListReviewQueue(self, request: Any, context: Any) -> pb.ListReviewQueueReply:  # noqa: N802
-        raise not_implemented("ListReviewQueue (the operator loop)", "issue #5")
+    async def ListReviewQueue(  # noqa: N802
+        self, request: pb.ListReviewQueueRequest, context: Any
+    ) -> pb.ListReviewQueueReply:
+        page = await asyncio.to_thread(
+            review_queue,
+            self.core.store,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            reason=convert.review_reason(request.reason),
+            camera_id=request.camera_id,
+        )
+        return pb.ListReviewQueueReply(
+            items=[convert.review_item(item) for item in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
 
     async def AcknowledgeAlert(self, request: Any, context: Any) -> pb.Alert:  # noqa: N802
         raise not_implemented("AcknowledgeAlert (unknown-defect alerts)", "issue #5")

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
+from cl_service.api.servicer import _UNARY, SERVICE_NAME
 from cl_service.config import Settings, load_settings
 from cl_service.v1 import inspection_pb2 as pb
 from cl_service.v1 import inspection_pb2_grpc as pb_grpc
@@ -196,8 +197,18 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
             ),
             (
                 lambda: stub.SubmitCorrection(pb.SubmitCorrectionRequest()),
-                grpc.StatusCode.UNIMPLEMENTED,
-                "NOT_IMPLEMENTED_YET",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "OPERATOR_ID_INVALID",
+            ),
+            (
+                lambda: stub.ListReviewQueue(pb.ListReviewQueueRequest(page_token="%%%")),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "PAGE_TOKEN_INVALID",
+            ),
+            (
+                lambda: stub.ActivateModel(pb.ActivateModelRequest(version="v0001", requested_by="x")),
+                grpc.StatusCode.NOT_FOUND,
+                "MODEL_VERSION_NOT_FOUND",
             ),
             (
                 lambda: list(stub.WatchAlerts(pb.WatchAlertsRequest())),
@@ -216,6 +227,12 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
             assert error.value.code() == code
             assert error.value.details().startswith(reason)
             assert ("cl-error-reason", reason) in tuple(error.value.trailing_metadata() or ())
+        for name in _UNARY:  # bytes that are no protobuf message at all, to every unary RPC
+            raw = channel.unary_unary(f"/{SERVICE_NAME}/{name}", request_serializer=lambda data: data)
+            with pytest.raises(grpc.RpcError) as error:
+                raw(b"\xff\xff\xff")
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert error.value.details().startswith("MESSAGE_MALFORMED"), name
         assert stub.GetStatus(pb.GetStatusRequest()).server_version
 
 
