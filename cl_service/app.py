@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cl_service import __version__
+from cl_service.alerts import AlertBook
 from cl_service.config import Settings
 from cl_service.errors import ErrorCode, ServiceError
 from cl_service.ingest.service import IngestService
@@ -33,6 +34,8 @@ CAPABILITIES = (
     "ActivateModel",
     "SubmitCorrection",
     "ListReviewQueue",
+    "WatchAlerts",
+    "AcknowledgeAlert",
 )
 
 
@@ -62,6 +65,7 @@ class StatusView:
     capabilities: tuple[str, ...]
     live_model_version: str
     live_engine: str
+    open_alerts: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class ServiceCore:
         from cl_service.serving.live import LiveModels  # torch and the engines load with the core, not on import
 
         self.live = LiveModels(settings, store)
+        self.alerts = AlertBook(
+            store, group_similarity=settings.alert_group_similarity, group_window_s=settings.alert_group_window_s
+        )
 
     @classmethod
     def open(cls, settings: Settings) -> ServiceCore:
@@ -132,6 +139,7 @@ class ServiceCore:
             capabilities=CAPABILITIES,
             live_model_version=self.live.slot.version or "",
             live_engine=self.live.engine_name if self.live.slot.version else "",
+            open_alerts=self.alerts.open_count(),
         )
 
     def list_models(self, *, include_rejected: bool) -> list[ModelView]:

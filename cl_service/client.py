@@ -305,6 +305,15 @@ class Client:
         )
         return self.stub.ListReviewQueue(request, timeout=self.timeout_s)
 
+    def watch_alerts(self, cursor: str = "", *, timeout_s: float | None = None) -> Iterator[pb.AlertEvent]:
+        """Follow the alert log: after `cursor` (the last event's cursor you handled), or from the open alerts.
+        Blocks while there is nothing new; keep the last cursor and pass it again after a reconnect."""
+        return iter(self.stub.WatchAlerts(pb.WatchAlertsRequest(cursor=cursor), timeout=timeout_s))
+
+    def acknowledge_alert(self, alert_id: int, operator_id: str, note: str = "") -> pb.Alert:
+        request = pb.AcknowledgeAlertRequest(alert_id=alert_id, operator_id=operator_id, note=note)
+        return self.stub.AcknowledgeAlert(request, timeout=self.timeout_s)
+
     def list_models(self, *, include_rejected: bool = False) -> pb.ListModelsReply:
         """The kept model versions, newest first, and which one is live."""
         request = pb.ListModelsRequest(include_rejected=include_rejected)

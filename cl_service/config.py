@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     )
     classify_max_queue: int = Field(256, ge=1, description="Classification requests waiting at most; more are refused.")
     model_poll_s: float = Field(5.0, gt=0, description="How often the server looks for a new live model version.")
+    alert_group_similarity: float = Field(
+        0.8, ge=-1.0, le=1.0, description="Cosine similarity at which an unusual image joins an open incident."
+    )
+    alert_group_window_s: float = Field(
+        3600.0, gt=0, description="An incident takes images for this long after its last."
+    )
+    alert_poll_s: float = Field(1.0, gt=0, description="How often WatchAlerts looks for other processes' alerts.")
     keep_versions: int = Field(
         5, ge=1, description="Model versions kept on disk (newest first); the live one is always kept as well."
     )

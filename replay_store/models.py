@@ -219,7 +219,7 @@ class Alert(SQLModel, table=True):
 
 
 class AlertEvent(SQLModel, table=True):
-    """The alert log; its id is the resume cursor of WatchAlerts."""
+    """The alert log; its id is the resume cursor of WatchAlerts. `alert` is the alert as it was after the event."""
 
     __tablename__ = "alert_events"
 
@@ -227,6 +227,7 @@ class AlertEvent(SQLModel, table=True):
     alert_id: int = Field(sa_column=Column(ID_TYPE, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False))
     event_type: str = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = _time_column()
+    alert: dict[str, Any] = _json_column()
 
 
 class PredictionRow(SQLModel, table=True):

@@ -13,6 +13,7 @@ from cl_service.errors import ServiceError, invalid
 from cl_service.ingest.service import IngestItem, IngestOutcome, IngestStatus
 from cl_service.operator import CorrectionResult, ReviewItem, ReviewReason
 from cl_service.v1 import inspection_pb2 as pb
+from replay_store.models import AlertEvent as AlertEventRow
 from replay_store.models import Label, LabelSource, ModelState, PredictionRow, as_utc
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ def status(view: StatusView) -> pb.ServiceStatus:
         store_backend=view.store_backend,
         live_model_version=view.live_model_version,
         live_engine=view.live_engine,
+        open_alerts=view.open_alerts,
         classes=[
             pb.ClassCount(
                 class_name=name,
@@ -239,3 +241,41 @@ def validation_metrics(report: dict[str, Any]) -> dict[str, float]:
         if scores.get("accuracy") is not None:
             flat[f"accuracy/{name}"] = float(scores["accuracy"])
     return flat
+
+
+_ALERT_STATE = {"open": pb.ALERT_STATE_OPEN, "acknowledged": pb.ALERT_STATE_ACKNOWLEDGED}
+_ALERT_EVENT = {
+    "opened": pb.ALERT_EVENT_TYPE_OPENED,
+    "updated": pb.ALERT_EVENT_TYPE_UPDATED,
+    "acknowledged": pb.ALERT_EVENT_TYPE_ACKNOWLEDGED,
+}
+
+
+def alert(snapshot: dict[str, Any]) -> pb.Alert:
+    """An alert from its JSON snapshot (`cl_service.alerts.alert_snapshot`)."""
+    message = pb.Alert(
+        alert_id=int(snapshot.get("id") or 0),
+        kind=pb.ALERT_KIND_UNKNOWN_DEFECT if snapshot.get("kind") == "unknown_defect" else pb.ALERT_KIND_UNSPECIFIED,
+        state=_ALERT_STATE.get(str(snapshot.get("state")), pb.ALERT_STATE_UNSPECIFIED),
+        camera_id=str(snapshot.get("camera_id") or ""),
+        count=int(snapshot.get("count") or 0),
+        example_sample_ids=[int(i) for i in snapshot.get("example_sample_ids") or []],
+        max_score=float(snapshot.get("max_score") or 0.0),
+        threshold=float(snapshot.get("threshold") or 0.0),
+        model_version=str(snapshot.get("model_version") or ""),
+        acknowledged_by=str(snapshot.get("acknowledged_by") or ""),
+        note=str(snapshot.get("note") or ""),
+    )
+    for field in ("first_seen", "last_seen", "acknowledged_at"):
+        if snapshot.get(field):
+            getattr(message, field).CopyFrom(timestamp(datetime.fromisoformat(snapshot[field])))
+    return message
+
+
+def alert_event(event: AlertEventRow) -> pb.AlertEvent:
+    message = pb.AlertEvent(
+        cursor=str(event.id), type=_ALERT_EVENT.get(event.event_type, pb.ALERT_EVENT_TYPE_UNSPECIFIED)
+    )
+    message.alert.CopyFrom(alert(event.alert))
+    message.at.CopyFrom(timestamp(event.created_at))
+    return message

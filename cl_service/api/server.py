@@ -74,6 +74,7 @@ async def start_server(settings: Settings) -> RunningServer:
         await asyncio.to_thread(core.close)
         raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
     await server.start()
+    core.alerts.bind(asyncio.get_running_loop())
     await core.live.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from cl_service.alerts import alert_snapshot, parse_cursor
 from cl_service.api import convert
 from cl_service.app import ModelView, ServiceCore
 from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
@@ -244,8 +245,11 @@ class InspectionServicer:
             total_size=page.total_size,
         )
 
-    async def AcknowledgeAlert(self, request: Any, context: Any) -> pb.Alert:  # noqa: N802
-        raise not_implemented("AcknowledgeAlert (unknown-defect alerts)", "issue #5")
+    async def AcknowledgeAlert(self, request: pb.AcknowledgeAlertRequest, context: Any) -> pb.Alert:  # noqa: N802
+        acknowledged = await asyncio.to_thread(
+            self.core.alerts.acknowledge, request.alert_id, request.operator_id, request.note
+        )
+        return convert.alert(alert_snapshot(acknowledged))
 
     async def TriggerUpdate(self, request: Any, context: Any) -> pb.UpdateRun:  # noqa: N802
         raise not_implemented("TriggerUpdate (the learning loop)", "issues #3 and #5")
@@ -264,9 +268,23 @@ class InspectionServicer:
         view = next((view for view in views if view.row.version == row.version), None)
         return convert.model_version(view or ModelView(row, []))
 
-    async def WatchAlerts(self, request: Any, context: Any) -> AsyncIterator[pb.AlertEvent]:  # noqa: N802
-        raise not_implemented("WatchAlerts (unknown-defect alerts)", "issue #5")
-        yield  # pragma: no cover - makes this an async generator like the real one
+    async def WatchAlerts(  # noqa: N802
+        self, request: pb.WatchAlertsRequest, context: Any
+    ) -> AsyncIterator[pb.AlertEvent]:
+        book = self.core.alerts
+        cursor = parse_cursor(request.cursor)
+        if cursor is None:  # the open alerts' events first, then everything after the newest event seen then
+            cursor = await asyncio.to_thread(book.newest_event_id)
+            for event in await asyncio.to_thread(book.open_alert_events):
+                if (event.id or 0) <= cursor:
+                    yield convert.alert_event(event)
+        while True:
+            events = await asyncio.to_thread(book.events_after, cursor)
+            for event in events:
+                yield convert.alert_event(event)
+                cursor = event.id or cursor
+            if not events:
+                await book.wait_for_news(self.core.settings.alert_poll_s)
 
     async def WatchUpdate(self, request: Any, context: Any) -> AsyncIterator[pb.UpdateProgress]:  # noqa: N802
         raise not_implemented("WatchUpdate (the learning loop)", "issues #3 and #5")

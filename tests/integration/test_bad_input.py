@@ -211,9 +211,14 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
                 "MODEL_VERSION_NOT_FOUND",
             ),
             (
-                lambda: list(stub.WatchAlerts(pb.WatchAlertsRequest())),
-                grpc.StatusCode.UNIMPLEMENTED,
-                "NOT_IMPLEMENTED_YET",
+                lambda: list(stub.WatchAlerts(pb.WatchAlertsRequest(cursor="-1"))),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "CURSOR_INVALID",
+            ),
+            (
+                lambda: stub.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=7, operator_id="op")),
+                grpc.StatusCode.NOT_FOUND,
+                "ALERT_NOT_FOUND",
             ),
             (
                 lambda: list(stub.WatchUpdate(pb.WatchUpdateRequest())),

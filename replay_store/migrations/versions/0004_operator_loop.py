@@ -1,4 +1,5 @@
-"""operator loop: predictions (what the review queue ranks), leases (single-flight updates), alert centroids
+"""operator loop: predictions (what the review queue ranks), leases (single-flight updates), alert centroids and
+alert snapshots in the alert log
 
 Revision ID: 0004
 Revises: 0003
@@ -49,9 +50,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("alerts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("centroid", sa.LargeBinary(), nullable=True))
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("alert", sa.JSON(), nullable=False, server_default="{}"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("alert_events", schema=None) as batch_op:
+        batch_op.drop_column("alert")
     with op.batch_alter_table("alerts", schema=None) as batch_op:
         batch_op.drop_column("centroid")
     op.drop_table("leases")
