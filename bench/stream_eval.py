@@ -59,7 +59,9 @@ def update_seconds(stream: StreamData, settings: UpdateSettings, history_copies:
     earlier = [item for item in stream.split.train if item.label not in stream.steps[-1]]
     last = [item for item in stream.split.train if item.label in stream.steps[-1]]
     history = padded_history(earlier, history_copies - 1)
-    service = load_settings(data_dir=work_dir, bind="127.0.0.1:0", log_level="WARNING", update=settings)
+    service = load_settings(
+        data_dir=work_dir, bind="127.0.0.1:0", log_level="WARNING", update=settings, scheduler=False
+    )
     with server_in_thread(service) as running:
         target = f"127.0.0.1:{running.port}"
         repository = ModelRepository(work_dir / "models", running.core.store)

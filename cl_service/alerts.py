@@ -153,6 +153,18 @@ class AlertBook:
             query = select(AlertEvent).where(col(AlertEvent.id) > cursor).order_by(col(AlertEvent.id)).limit(limit)
             return list(session.scalars(query))
 
+    def alerted_since(self, since: datetime | None) -> int:
+        """How many images joined or opened incidents after `since` (all when None): the automatic update trigger."""
+        query = (
+            select(func.count())
+            .select_from(AlertEvent)
+            .where(col(AlertEvent.event_type).in_((EventType.OPENED, EventType.UPDATED)))
+        )
+        if since is not None:
+            query = query.where(col(AlertEvent.created_at) > since)
+        with self.store.session() as session:
+            return int(session.scalar(query) or 0)
+
     def newest_event_id(self) -> int:
         with self.store.session() as session:
             return int(session.scalar(select(func.max(AlertEvent.id))) or 0)

@@ -17,8 +17,10 @@ from cl_service.alerts import AlertBook
 from cl_service.config import Settings
 from cl_service.errors import ErrorCode, ServiceError
 from cl_service.ingest.service import IngestService
+from cl_service.scheduler import UpdateScheduler
+from replay_store import runs
 from replay_store.committer import GroupCommitter
-from replay_store.models import Label, ModelVersionRow, PredictionRow, Sample, utcnow
+from replay_store.models import Label, ModelVersionRow, PredictionRow, Sample, UpdateRun, utcnow
 from replay_store.operator import prediction_of
 from replay_store.store import Store
 
@@ -36,6 +38,8 @@ CAPABILITIES = (
     "ListReviewQueue",
     "WatchAlerts",
     "AcknowledgeAlert",
+    "TriggerUpdate",
+    "WatchUpdate",
 )
 
 
@@ -66,6 +70,7 @@ class StatusView:
     live_model_version: str
     live_engine: str
     open_alerts: int
+    current_update: UpdateRun | None
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class ServiceCore:
         self.alerts = AlertBook(
             store, group_similarity=settings.alert_group_similarity, group_window_s=settings.alert_group_window_s
         )
+        self.updates = UpdateScheduler(settings, store, alerted_since=self.alerts.alerted_since)
 
     @classmethod
     def open(cls, settings: Settings) -> ServiceCore:
@@ -140,6 +146,7 @@ class ServiceCore:
             live_model_version=self.live.slot.version or "",
             live_engine=self.live.engine_name if self.live.slot.version else "",
             open_alerts=self.alerts.open_count(),
+            current_update=runs.active(self.store),
         )
 
     def list_models(self, *, include_rejected: bool) -> list[ModelView]:

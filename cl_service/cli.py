@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--epochs", type=int, help="passes over the update's new data (default 4)")
     update.add_argument("--seed", type=int, help="seed of sampling, augmentation and initialisation (default 0)")
 
+    worker = commands.add_parser("run-update", help=argparse.SUPPRESS)  # started by the scheduler
+    worker.add_argument("--run-id", type=int, required=True)
+    worker.add_argument("--owner", required=True)
+    worker.add_argument("--settings-json", type=Path, required=True)
+
     evaluate = commands.add_parser(
         "eval-stream",
         help="replay a folder of class sub-folders as a class-incremental camera stream through ingest and updates",
@@ -234,9 +239,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from cl_service.engines.base import default_engine
     from cl_service.learning.repository import ModelRepository
     from cl_service.learning.settings import UpdateSettings
     from cl_service.learning.update import UpdateSkippedError, run_update
+    from cl_service.serving.publish import prebuild
     from replay_store.store import Store
 
     settings = _settings(args)
@@ -256,7 +263,14 @@ def cmd_update(args: argparse.Namespace) -> int:
                 note = "  ".join(f"{k} {v:.3f}" for k, v in values.items())
                 bars.update(tasks[stage], completed=step, total=max(total, 1), note=note)
 
-            result = run_update(store, repository, update_settings, progress=progress)
+            engine = default_engine() if settings.engine == "auto" else settings.engine
+
+            def engine_check(version: str) -> None:
+                built = prebuild(store, repository, version, engine)
+                notes.append(f"{engine} engine built and checked in {built.seconds:.1f} s: {built.parity.describe()}")
+
+            notes: list[str] = []
+            result = run_update(store, repository, update_settings, progress=progress, engine_check=engine_check)
         pruned = repository.prune(settings.keep_versions)
     except UpdateSkippedError as exc:
         print(f"no update: {exc}")
@@ -271,9 +285,19 @@ def cmd_update(args: argparse.Namespace) -> int:
         print(f"  validation accuracy {result.candidate.accuracy:.1%}, macro-F1 {result.candidate.macro_f1:.1%}")
     print("  " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    for note in notes:
+        print(f"  {note}")
     if pruned:
         print(f"  retention removed {', '.join(pruned)} (keep_versions {settings.keep_versions})")
     return 0 if result.accepted else 1
+
+
+def cmd_run_update(args: argparse.Namespace) -> int:
+    from cl_service.update_job import run_job
+
+    settings = Settings.model_validate_json(args.settings_json.read_text())
+    _logging(settings)
+    return run_job(settings, args.run_id, args.owner)
 
 
 def cmd_eval_stream(args: argparse.Namespace) -> int:
@@ -419,4 +443,5 @@ _COMMANDS = {
     "migrate": cmd_migrate,
     "check-store": cmd_check_store,
     "update": cmd_update,
+    "run-update": cmd_run_update,
 }

@@ -314,6 +314,15 @@ class Client:
         request = pb.AcknowledgeAlertRequest(alert_id=alert_id, operator_id=operator_id, note=note)
         return self.stub.AcknowledgeAlert(request, timeout=self.timeout_s)
 
+    def trigger_update(self, requested_by: str, reason: str = "") -> pb.UpdateRun:
+        """Queue an update run now (joins the run already queued, if any)."""
+        request = pb.TriggerUpdateRequest(requested_by=requested_by, reason=reason)
+        return self.stub.TriggerUpdate(request, timeout=self.timeout_s)
+
+    def watch_update(self, run_id: int = 0, *, timeout_s: float | None = None) -> Iterator[pb.UpdateProgress]:
+        """Progress reports of a run (0: the current or latest one) until it ends."""
+        return iter(self.stub.WatchUpdate(pb.WatchUpdateRequest(run_id=run_id), timeout=timeout_s))
+
     def list_models(self, *, include_rejected: bool = False) -> pb.ListModelsReply:
         """The kept model versions, newest first, and which one is live."""
         request = pb.ListModelsRequest(include_rejected=include_rejected)

@@ -61,6 +61,21 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="An incident takes images for this long after its last."
     )
     alert_poll_s: float = Field(1.0, gt=0, description="How often WatchAlerts looks for other processes' alerts.")
+    scheduler: bool = Field(
+        True,
+        description="Run updates from this server: the schedule, the automatic triggers and TriggerUpdate's queue.",
+    )
+    update_cron: str = Field(
+        "0 2 * * *", description="When the scheduled update runs (crontab: minute hour day month weekday); '' = never."
+    )
+    update_timezone: str = Field("UTC", description="The time zone of update_cron, e.g. Europe/Berlin.")
+    update_after_labels: int = Field(50, ge=0, description="Queue an update after this many new human labels (0: off).")
+    update_after_alerts: int = Field(20, ge=0, description="Queue an update after this many alerted images (0: off).")
+    update_misfire_grace_s: float = Field(
+        6 * 3600.0, gt=0, description="A scheduled update missed (server down, busy) still runs within this time."
+    )
+    update_lease_s: float = Field(60.0, ge=5, description="An update worker silent this long is presumed dead.")
+    update_check_s: float = Field(30.0, gt=0, description="How often the automatic triggers are checked.")
     keep_versions: int = Field(
         5, ge=1, description="Model versions kept on disk (newest first); the live one is always kept as well."
     )
@@ -77,6 +92,26 @@ class Settings(BaseSettings):
             if problem:
                 raise ValueError(problem)
         return names
+
+    @field_validator("update_cron")
+    @classmethod
+    def _valid_cron(cls, cron: str) -> str:
+        if cron.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(cron)  # raises ValueError with the reason
+        return cron
+
+    @field_validator("update_timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Berlin)") from None
+        return name
 
     @field_validator("engine")
     @classmethod

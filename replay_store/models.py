@@ -76,6 +76,7 @@ class UpdateState(StrEnum):
     SUCCEEDED = "succeeded"
     REJECTED = "rejected"
     FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 class AlertState(StrEnum):
@@ -184,7 +185,8 @@ class UpdateRun(SQLModel, table=True):
     trigger: str = Field(sa_column=Column(String(16), nullable=False))
     state: str = Field(sa_column=Column(String(16), nullable=False, index=True))
     requested_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
-    reason: str | None = Field(default=None, sa_column=Column(String(2048), nullable=True))
+    reason: str | None = Field(default=None, sa_column=Column(String(2048), nullable=True))  # why rejected/failed
+    request_reason: str | None = Field(default=None, sa_column=Column(String(2048), nullable=True))
     parent_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     candidate_version: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     created_at: datetime = _time_column()

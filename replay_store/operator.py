@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
@@ -62,11 +63,13 @@ def add_operator_labels(store: Store, operator_id: str, labels: Sequence[Operato
     return [Label(id=label_id, **row) for label_id, row in zip(ids, rows, strict=True)]
 
 
-def human_labels_since(store: Store, label_id: int) -> int:
-    """How many operator and camera labels have an id above `label_id` (the automatic update trigger)."""
+def human_labels_since_time(store: Store, since: datetime | None) -> int:
+    """How many operator and camera labels were made after `since` (all when None): the automatic update trigger."""
     human = (LabelSource.OPERATOR.value, LabelSource.CAMERA.value)
+    query = select(func.count()).select_from(Label).where(col(Label.source).in_(human))
+    if since is not None:
+        query = query.where(col(Label.created_at) > since)
     with store.session() as session:
-        query = select(func.count()).where(col(Label.id) > label_id, col(Label.source).in_(human))
         return int(session.scalar(query) or 0)
 
 

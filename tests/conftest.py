@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,10 @@ from cl_service.config import Settings, load_settings
 if TYPE_CHECKING:
     from cl_service.learning.model import InspectionModel
     from cl_service.learning.repository import ModelRepository
+
+# Servers in tests run no update scheduler unless a test asks for one (scheduler=True): a nightly catch-up or an
+# automatic trigger would otherwise start real training beside the test. Child processes inherit this.
+os.environ["CL_SERVICE_SCHEDULER"] = "false"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
@@ -38,6 +46,28 @@ def png_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Wait until a server subprocess answers health checks on the loopback port (fail if it exits first)."""
+    from cl_service.client import Client
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited with code {process.returncode} before it was ready"
+        try:
+            with Client(f"127.0.0.1:{port}") as client:
+                client.wait_ready(timeout_s=1.0)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"no server became ready on port {port} within {timeout_s:.0f} s")
 
 
 def add_model_version(

@@ -15,6 +15,7 @@ from cl_service.operator import CorrectionResult, ReviewItem, ReviewReason
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store.models import AlertEvent as AlertEventRow
 from replay_store.models import Label, LabelSource, ModelState, PredictionRow, as_utc
+from replay_store.models import UpdateRun as UpdateRunRow
 
 if TYPE_CHECKING:
     from cl_service.serving.live import Classified
@@ -190,6 +191,8 @@ def status(view: StatusView) -> pb.ServiceStatus:
         ],
     )
     message.started_at.CopyFrom(timestamp(view.started_at))
+    if view.current_update is not None:
+        message.current_update.CopyFrom(update_run(view.current_update))
     return message
 
 
@@ -278,4 +281,55 @@ def alert_event(event: AlertEventRow) -> pb.AlertEvent:
     )
     message.alert.CopyFrom(alert(event.alert))
     message.at.CopyFrom(timestamp(event.created_at))
+    return message
+
+
+_TRIGGER = {
+    "schedule": pb.UPDATE_TRIGGER_SCHEDULE,
+    "manual": pb.UPDATE_TRIGGER_MANUAL,
+    "new_labels": pb.UPDATE_TRIGGER_NEW_LABELS,
+    "alerts": pb.UPDATE_TRIGGER_ALERTS,
+}
+_UPDATE_STATE = {
+    "queued": pb.UPDATE_STATE_QUEUED,
+    "running": pb.UPDATE_STATE_RUNNING,
+    "succeeded": pb.UPDATE_STATE_SUCCEEDED,
+    "rejected": pb.UPDATE_STATE_REJECTED,
+    "failed": pb.UPDATE_STATE_FAILED,
+    "skipped": pb.UPDATE_STATE_SKIPPED,
+}
+
+
+def update_run(run: UpdateRunRow) -> pb.UpdateRun:
+    message = pb.UpdateRun(
+        run_id=run.id or 0,
+        trigger=_TRIGGER.get(run.trigger, pb.UPDATE_TRIGGER_UNSPECIFIED),
+        state=_UPDATE_STATE.get(run.state, pb.UPDATE_STATE_UNSPECIFIED),
+        requested_by=run.requested_by or "",
+        parent_version=run.parent_version or "",
+        candidate_version=run.candidate_version or "",
+        reason=run.reason or "",
+    )
+    for field in ("created_at", "started_at", "finished_at"):
+        value = getattr(run, field)
+        if value is not None:
+            getattr(message, field).CopyFrom(timestamp(value))
+    return message
+
+
+def update_progress(run: UpdateRunRow) -> pb.UpdateProgress:
+    progress = run.progress or {}
+    message = pb.UpdateProgress(
+        run_id=run.id or 0,
+        state=_UPDATE_STATE.get(run.state, pb.UPDATE_STATE_UNSPECIFIED),
+        stage=str(progress.get("stage") or run.state),
+        step=int(progress.get("step") or 0),
+        total_steps=int(progress.get("total_steps") or 0),
+        loss=float(progress.get("loss") or 0.0),
+        eta_seconds=float(progress.get("eta_s") or 0.0),
+        message=run.reason
+        if run.reason and run.state in ("rejected", "failed")
+        else str(progress.get("message") or ""),
+    )
+    message.at.CopyFrom(timestamp(run.heartbeat_at or run.finished_at or run.started_at or run.created_at))
     return message

@@ -41,6 +41,8 @@ class RunningServer:
         grace = self.core.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.core.settings.scheduler:
+            await self.core.updates.stop()
         await self.core.live.stop()
         await asyncio.to_thread(self.core.close)
         log.info("server stopped")
@@ -76,6 +78,8 @@ async def start_server(settings: Settings) -> RunningServer:
     await server.start()
     core.alerts.bind(asyncio.get_running_loop())
     await core.live.start()
+    if settings.scheduler:
+        await core.updates.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = settings.bind.rsplit(":", 1)[0]

@@ -20,13 +20,16 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from cl_service.alerts import alert_snapshot, parse_cursor
 from cl_service.api import convert
 from cl_service.app import ModelView, ServiceCore
-from cl_service.errors import ErrorCode, ServiceError, invalid, not_implemented
+from cl_service.errors import ErrorCode, ServiceError, invalid
 from cl_service.ingest.images import decode_checked, decode_inspected
 from cl_service.ingest.service import IngestOutcome, IngestStatus
 from cl_service.operator import CorrectionRequest, review_queue, submit_corrections
+from cl_service.scheduler import TRIGGER_MANUAL
 from cl_service.serving.batcher import QueueFullError
 from cl_service.serving.slot import NoLiveEngineError
 from cl_service.v1 import inspection_pb2 as pb
+from replay_store import runs
+from replay_store.naming import identifier_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ SERVICE_NAME = "cl_service.v1.InspectionService"
 REASON_METADATA_KEY = "cl-error-reason"
 MAX_TOP_K = 20
 INGEST_TOP_K = 3  # classes in an Ingest reply's prediction
+WATCH_UPDATE_POLL_S = 0.5
 
 M = TypeVar("M", bound=Message)
 
@@ -251,8 +255,16 @@ class InspectionServicer:
         )
         return convert.alert(alert_snapshot(acknowledged))
 
-    async def TriggerUpdate(self, request: Any, context: Any) -> pb.UpdateRun:  # noqa: N802
-        raise not_implemented("TriggerUpdate (the learning loop)", "issues #3 and #5")
+    async def TriggerUpdate(self, request: pb.TriggerUpdateRequest, context: Any) -> pb.UpdateRun:  # noqa: N802
+        problem = identifier_problem("requested_by", request.requested_by)
+        if problem:
+            raise invalid("REQUESTED_BY_INVALID", problem)
+        if len(request.reason) > 2048:
+            raise invalid("REASON_TOO_LONG", f"reason is at most 2048 characters, got {len(request.reason)}")
+        run = await asyncio.to_thread(
+            self.core.updates.trigger, TRIGGER_MANUAL, requested_by=request.requested_by, reason=request.reason
+        )
+        return convert.update_run(run)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:  # noqa: N802
         views = await asyncio.to_thread(self.core.list_models, include_rejected=request.include_rejected)
@@ -286,9 +298,28 @@ class InspectionServicer:
             if not events:
                 await book.wait_for_news(self.core.settings.alert_poll_s)
 
-    async def WatchUpdate(self, request: Any, context: Any) -> AsyncIterator[pb.UpdateProgress]:  # noqa: N802
-        raise not_implemented("WatchUpdate (the learning loop)", "issues #3 and #5")
-        yield  # pragma: no cover
+    async def WatchUpdate(  # noqa: N802
+        self, request: pb.WatchUpdateRequest, context: Any
+    ) -> AsyncIterator[pb.UpdateProgress]:
+        store = self.core.store
+        if request.run_id < 0:
+            raise invalid("RUN_ID_INVALID", "run_id is a run's id, or 0 for the current one")
+        run = await asyncio.to_thread(runs.get, store, request.run_id) if request.run_id else None
+        if run is None and request.run_id == 0:
+            run = await asyncio.to_thread(runs.current_or_latest, store)
+        if run is None or run.id is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "UPDATE_RUN_NOT_FOUND", f"there is no update run {request.run_id}")
+        last: pb.UpdateProgress | None = None
+        while True:
+            progress = convert.update_progress(run)
+            unchanged = last is not None and progress.SerializeToString() == last.SerializeToString()
+            if not unchanged:
+                yield progress
+                last = progress
+            if run.state in runs.TERMINAL:
+                return
+            await asyncio.sleep(WATCH_UPDATE_POLL_S)
+            run = await asyncio.to_thread(runs.get, store, run.id) or run
 
 
 # ------------------------------------------------------------------------------------- registration

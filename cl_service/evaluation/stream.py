@@ -96,7 +96,9 @@ def run_ours(
     matrix = AccuracyMatrix(len(stream.steps))
     seconds: list[float] = []
     details: list[dict[str, Any]] = []
-    service = load_settings(data_dir=data_dir, bind="127.0.0.1:0", log_level="WARNING", update=settings)
+    service = load_settings(
+        data_dir=data_dir, bind="127.0.0.1:0", log_level="WARNING", update=settings, scheduler=False
+    )
     truth = {item.sha256: item.label for item in stream.split.train}
     with server_in_thread(service) as running:
         target = f"127.0.0.1:{running.port}"

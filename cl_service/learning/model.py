@@ -448,6 +448,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[InspectionModel, Chec
     return model.eval(), info
 
 
+def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """A checkpoint's metadata (classes, config, versions) without reading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"the model checkpoint {path} does not exist") from None
+    except Exception as exc:
+        raise CheckpointError(f"the model checkpoint {path} is corrupt or not a safetensors file: {exc}") from exc
+    return _checkpoint_info(path, metadata)
+
+
 def _checkpoint_info(path: Path, metadata: Mapping[str, str]) -> CheckpointInfo:
     try:
         meta = {key: json.loads(value) for key, value in metadata.items()}

@@ -107,9 +107,17 @@ class _Set:
 
 
 def run_update(
-    store: Store, repository: ModelRepository, settings: UpdateSettings, *, progress: Progress | None = None
+    store: Store,
+    repository: ModelRepository,
+    settings: UpdateSettings,
+    *,
+    progress: Progress | None = None,
+    engine_check: Callable[[str], object] | None = None,
 ) -> UpdateResult:
-    """Run one update to the end; raises UpdateSkippedError when there is nothing to train on."""
+    """Run one update to the end; raises UpdateSkippedError when there is nothing to train on.
+
+    `engine_check(version)`, when given, builds and checks the accepted candidate's inference engine before it is
+    recorded; a candidate whose engine fails is recorded as rejected (it could not serve)."""
     report = progress or (lambda stage, step, total, values: None)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -124,7 +132,7 @@ def run_update(
     generator = torch.Generator().manual_seed(settings.seed)
     threads = contextlib.nullcontext() if not settings.threads else _torch_threads(settings.threads)
     with threads:
-        return _run(store, repository, settings, report, generator, timings, lap)
+        return _run(store, repository, settings, report, generator, timings, lap, engine_check)
 
 
 def _run(
@@ -135,6 +143,7 @@ def _run(
     generator: torch.Generator,
     timings: dict[str, float],
     lap: Callable[[str], None],
+    engine_check: Callable[[str], object] | None,
 ) -> UpdateResult:
     live_row = repository.live()
     snapshot = store.snapshot()
@@ -252,6 +261,14 @@ def _run(
         "pseudo_accepted": len(pseudo_rows),
         "replayed": len(replay.rows),
     }
+    if accepted and engine_check is not None:
+        report("build", 0, 1, {})
+        try:
+            engine_check(version)
+        except Exception as exc:  # noqa: BLE001 - any failure: the candidate cannot serve
+            accepted = False
+            reasons.append(f"its inference engine failed: {exc}")
+        lap("build")
     if accepted:
         report("consolidate", 0, 1, {})
         _after_acceptance(store, model, version, folder, images, labeled, replay, new_unlabeled, ewc, settings)

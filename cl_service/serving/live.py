@@ -22,7 +22,7 @@ import numpy as np
 from cl_service.config import Settings
 from cl_service.engines.base import default_engine
 from cl_service.errors import ErrorCode, ServiceError
-from cl_service.learning.model import preprocess
+from cl_service.learning.model import preprocess, read_checkpoint_info
 from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.serving.batcher import MicroBatcher
@@ -142,12 +142,11 @@ class LiveModels:
             )
 
     async def _publish(self, version: str, *, before_swap: Callable[[], object] | None = None) -> None:
-        model = await asyncio.to_thread(self.repository.load_model, version)
+        info = await asyncio.to_thread(read_checkpoint_info, self.repository.folder(version) / CHECKPOINT)
         # known before the swap: a reply from the new engine may come the moment it is live
-        self._served[version] = _Served(tuple(model.classes), model.config)
-        prepared = await asyncio.to_thread(
-            prepare_version, self.store, self.repository, version, self.engine_name, model=model
-        )
+        self._served[version] = _Served(info.classes, info.config)
+        # an update builds and checks its version's engine in its own process; here that is mostly loading
+        prepared = await asyncio.to_thread(prepare_version, self.store, self.repository, version, self.engine_name)
         if before_swap is not None:
             try:
                 await asyncio.to_thread(before_swap)

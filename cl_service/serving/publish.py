@@ -8,6 +8,7 @@ engine untouched.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from replay_store.store import Store
 log = logging.getLogger(__name__)
 
 ENGINES_FILE = "engines.json"
+GOLDEN_FILE = "golden.npz"
 GOLDEN_IMAGES = 32
 CALIBRATION_IMAGES = 128
 VALIDATION_IMAGES = 512
@@ -51,6 +53,7 @@ class Prepared:
     engine: Engine
     parity: Parity
     seconds: float
+    reference: Batch  # torch's logits of the golden batch
 
 
 def golden_images(store: Store, config: ModelConfig, count: int = GOLDEN_IMAGES) -> Batch:
@@ -101,19 +104,23 @@ def prepare(
     engine_name: str,
     *,
     golden: Batch,
+    reference: Batch | None = None,
     calibration: Batch | None = None,
     validation: tuple[Batch, Sequence[str]] | None = None,
     model: InspectionModel | None = None,
 ) -> Prepared:
     """A loaded, warmed-up engine of `version` whose parity with torch on `golden` passed (and, for INT8, whose
     accuracy on `validation` is within MAX_INT8_ACCURACY_DROP of torch's); recorded either way.
-    `model`: the version's model when the caller has it loaded already."""
+    `reference`: torch's logits of `golden` when known; `model`: the version's model when the caller has it."""
     folder = repository.folder(version)
     started = time.perf_counter()
     engine: Engine | None = None
     try:
-        model = model or repository.load_model(version)
-        reference = torch_logits(model, golden)
+        if reference is None or validation is not None:
+            model = model or repository.load_model(version)
+        if reference is None:
+            assert model is not None
+            reference = torch_logits(model, golden)
         build_engine(engine_name, folder, BuildInputs(calibration, golden, reference))
         engine = open_engine(engine_name, folder)
         engine.load()
@@ -123,7 +130,7 @@ def prepare(
         if not check.passed:
             raise ParityError(f"{version}: {check.describe()}")
         accuracy = None
-        if precision == "int8" and validation is not None:
+        if precision == "int8" and validation is not None and model is not None:
             accuracy = _accuracy_against_torch(model, engine, *validation)
             if accuracy["torch"] - accuracy["engine"] > MAX_INT8_ACCURACY_DROP:
                 raise ParityError(
@@ -139,7 +146,7 @@ def prepare(
     seconds = time.perf_counter() - started
     entry = {"ok": True, "parity": check.to_dict(), "engine": engine.describe(), "seconds": seconds}
     _record(folder, engine_name, entry if accuracy is None else {**entry, "validation": accuracy})
-    return Prepared(version, engine, check, seconds)
+    return Prepared(version, engine, check, seconds, reference)
 
 
 def _accuracy_against_torch(
@@ -157,16 +164,57 @@ def _accuracy_against_torch(
 def prepare_version(
     store: Store, repository: ModelRepository, version: str, engine_name: str, *, model: InspectionModel | None = None
 ) -> Prepared:
-    """`prepare` with the golden batch (and, for INT8, the calibration images) taken from the store."""
-    model = model or repository.load_model(version)  # read once: config, torch reference
-    golden = golden_images(store, model.config)
+    """`prepare` with the golden batch (and, for INT8, the calibration and validation images) from the store.
+
+    The golden batch and torch's logits of it are kept in the version's folder (`golden.npz`) after the first
+    successful check: later publications (another engine, a rollback, another server process) reuse them instead
+    of running torch again beside live traffic."""
+    cached = _read_golden(repository.folder(version))
+    if cached is None:
+        model = model or repository.load_model(version)  # read once: config, torch reference
+        golden, reference = golden_images(store, model.config), None
+    else:
+        golden, reference = cached
     calibration = validation = None
     if engine_name.endswith("int8"):
+        model = model or repository.load_model(version)
         calibration = calibration_images(store, model.config)
         validation = validation_images(store, repository, version, model)
-    return prepare(
-        repository, version, engine_name, golden=golden, calibration=calibration, validation=validation, model=model
+    prepared = prepare(
+        repository,
+        version,
+        engine_name,
+        golden=golden,
+        reference=reference,
+        calibration=calibration,
+        validation=validation,
+        model=model,
     )
+    if cached is None:
+        _write_golden(repository.folder(version), golden, prepared.reference)
+    return prepared
+
+
+def prebuild(store: Store, repository: ModelRepository, version: str, engine_name: str) -> Prepared:
+    """Build and check `version`'s engine ahead of time (what an update does for the version it accepted, in its own
+    process), so that the server's swap only loads it. The engine is closed again; the files stay."""
+    prepared = prepare_version(store, repository, version, engine_name)
+    prepared.engine.close()
+    return prepared
+
+
+def _read_golden(folder: Path) -> tuple[Batch, Batch] | None:
+    try:
+        with np.load(folder / GOLDEN_FILE) as data:
+            return data["images"], data["reference"]
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return None  # missing or unreadable: made again from the store
+
+
+def _write_golden(folder: Path, images: Batch, reference: Batch) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, reference=reference)
+    write_atomically(folder / GOLDEN_FILE, buffer.getvalue())
 
 
 def activate(

@@ -237,6 +237,8 @@ class _UpdateStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateSta
     """The candidate was rejected by the validation gate; the live model is unchanged."""
     UPDATE_STATE_FAILED: _UpdateState.ValueType  # 5
     """The run failed (an error or a crash); the live model is unchanged."""
+    UPDATE_STATE_SKIPPED: _UpdateState.ValueType  # 6
+    """There was nothing new to train on (or too few labels for a first model); no candidate was made."""
 
 class UpdateState(_UpdateState, metaclass=_UpdateStateEnumTypeWrapper):
     """Where an update run is."""
@@ -252,6 +254,8 @@ UPDATE_STATE_REJECTED: UpdateState.ValueType  # 4
 """The candidate was rejected by the validation gate; the live model is unchanged."""
 UPDATE_STATE_FAILED: UpdateState.ValueType  # 5
 """The run failed (an error or a crash); the live model is unchanged."""
+UPDATE_STATE_SKIPPED: UpdateState.ValueType  # 6
+"""There was nothing new to train on (or too few labels for a first model); no candidate was made."""
 Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
 class _ModelState:

@@ -222,8 +222,18 @@ def test_unary_rpcs_answer_bad_input_with_clear_status_codes(server: ServerHandl
             ),
             (
                 lambda: list(stub.WatchUpdate(pb.WatchUpdateRequest())),
-                grpc.StatusCode.UNIMPLEMENTED,
-                "NOT_IMPLEMENTED_YET",
+                grpc.StatusCode.NOT_FOUND,
+                "UPDATE_RUN_NOT_FOUND",
+            ),
+            (
+                lambda: list(stub.WatchUpdate(pb.WatchUpdateRequest(run_id=-3))),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "RUN_ID_INVALID",
+            ),
+            (
+                lambda: stub.TriggerUpdate(pb.TriggerUpdateRequest(requested_by="a b")),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "REQUESTED_BY_INVALID",
             ),
         ]
         for call, code, reason in checks:

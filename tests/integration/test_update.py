@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from cl_service.engines.base import EngineError
+from cl_service.engines.export import ONNX_FILE
 from cl_service.learning.data import in_validation
 from cl_service.learning.repository import CHECKPOINT, EWC_STATE, REPORT, ModelRepository
 from cl_service.learning.settings import ModelConfig, UpdateSettings
 from cl_service.learning.update import REPLAY_INDEX, UpdateSkippedError, run_update
+from cl_service.serving.publish import ENGINES_FILE, GOLDEN_FILE, prebuild
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from replay_store.exemplars import ReplayBuffer
 from replay_store.models import LabelSource
@@ -60,8 +63,12 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
         run_update(store, repository, SETTINGS)
 
     _ingest(store, ("good", "scratch"), 100, start=0, labeled_every=1)
-    first = run_update(store, repository, SETTINGS)
+    first = run_update(
+        store, repository, SETTINGS, engine_check=lambda v: prebuild(store, repository, v, "onnxruntime")
+    )
     assert first.accepted, first.reasons
+    assert (repository.folder("v0001") / ONNX_FILE).is_file() and (repository.folder("v0001") / GOLDEN_FILE).is_file()
+    assert '"ok": true' in (repository.folder("v0001") / ENGINES_FILE).read_text()
     assert first.parent is None and first.version == "v0001"
     assert first.candidate is not None and first.candidate.n >= 10
     assert first.candidate.accuracy >= 0.8, first.candidate.to_dict()  # scratches are easy to see
@@ -110,6 +117,17 @@ def test_the_gate_rejects_a_damaged_candidate_and_the_live_model_stays(tmp_path:
     damaged = SETTINGS.model_copy(update={"lr": 5.0, "ewc_lambda": 0.0, "der_alpha": 0.0, "der_beta": 0.0})
     result = run_update(store, repository, damaged)
     assert not result.accepted
+
+    def no_engine(version: str) -> None:
+        raise EngineError(f"no engine for {version}")
+
+    lenient = SETTINGS.model_copy(update={"epochs": 1, "gate_tolerance": 1.0})
+    unservable = run_update(store, repository, lenient, engine_check=no_engine)
+    assert (
+        not unservable.accepted
+        and unservable.reasons[-1] == f"its inference engine failed: no engine for {unservable.version}"
+    )
+    assert repository.live().version == "v0001"  # type: ignore[union-attr]
     assert any("points" in reason for reason in result.reasons), result.reasons
     assert repository.live().version == "v0001"  # type: ignore[union-attr]
     row = repository.get(result.version)

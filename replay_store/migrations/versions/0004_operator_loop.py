@@ -1,5 +1,5 @@
 """operator loop: predictions (what the review queue ranks), leases (single-flight updates), alert centroids and
-alert snapshots in the alert log
+alert snapshots in the alert log, the reason an update run was asked for
 
 Revision ID: 0004
 Revises: 0003
@@ -52,9 +52,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("centroid", sa.LargeBinary(), nullable=True))
     with op.batch_alter_table("alert_events", schema=None) as batch_op:
         batch_op.add_column(sa.Column("alert", sa.JSON(), nullable=False, server_default="{}"))
+    with op.batch_alter_table("update_runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("request_reason", sa.String(length=2048), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("update_runs", schema=None) as batch_op:
+        batch_op.drop_column("request_reason")
     with op.batch_alter_table("alert_events", schema=None) as batch_op:
         batch_op.drop_column("alert")
     with op.batch_alter_table("alerts", schema=None) as batch_op:

@@ -1,0 +1,123 @@
+"""One update run, in its own process: what the scheduler starts (`cl-service run-update`).
+
+Training runs outside the serving process so that it never competes with requests for the GIL (and, niced, for
+the CPU as little as possible). The worker holds the `update` lease its parent took, renews it with the run's
+heartbeat and progress (stage, step, loss, ETA), runs the learning loop, builds and checks the accepted
+candidate's engine, applies retention, and ends the run. A crash anywhere before the loop records the version
+leaves the live model as it was; the heartbeat stops and the run is marked failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from cl_service.config import Settings
+from cl_service.engines.base import default_engine
+from cl_service.learning.repository import ModelRepository
+from cl_service.learning.settings import UpdateSettings
+from cl_service.learning.update import UpdateSkippedError, run_update
+from cl_service.serving.publish import prebuild
+from replay_store import runs
+from replay_store.models import UpdateState
+from replay_store.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Progress:
+    """The run's latest progress, as WatchUpdate shows it; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._stage_started = self._started
+        self.data: dict[str, Any] = {"stage": "snapshot", "step": 0, "total_steps": 0, "loss": 0.0, "eta_s": 0.0}
+
+    def __call__(self, stage: str, step: int, total: int, values: dict[str, float]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if stage != self.data["stage"]:
+                self._stage_started = now
+            eta = 0.0
+            if stage == "train" and 0 < step < total:  # training dominates: extrapolate its pace
+                eta = (now - self._stage_started) / step * (total - step)
+            self.data = {
+                "stage": stage,
+                "step": step,
+                "total_steps": total,
+                "loss": float(values.get("loss", self.data.get("loss", 0.0))),
+                "eta_s": round(eta, 1),
+                "message": "  ".join(f"{k} {v:.3f}" for k, v in values.items()),
+                "elapsed_s": round(now - self._started, 1),
+            }
+
+    def snapshot(self, **extra: Any) -> dict[str, Any]:
+        with self._lock:
+            return {**self.data, **extra}
+
+
+def run_job(settings: Settings, run_id: int, owner: str) -> int:
+    """Run update run `run_id` (claimed by `owner`, who holds the lease) to its end; 0 unless it failed."""
+    store = Store.open(settings.resolved_database_url, settings.blob_dir)
+    progress = _Progress()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(settings.update_lease_s / 4):
+            try:
+                if not runs.renew(store, owner, settings.update_lease_s, run_id, progress.snapshot()):
+                    log.error("update run %d lost its lease; another process may take over", run_id)
+            except Exception:  # a database hiccup: try again at the next beat
+                log.exception("renewing the update lease failed")
+
+    heart = threading.Thread(target=beat, name="update-heartbeat", daemon=True)
+    heart.start()
+    try:
+        repository = ModelRepository(settings.data_dir / "models", store)
+        engine = default_engine() if settings.engine == "auto" else settings.engine
+        update_settings = UpdateSettings.model_validate(settings.update.model_dump())
+        parent = repository.live()
+        try:
+            result = run_update(
+                store,
+                repository,
+                update_settings,
+                progress=progress,
+                engine_check=lambda version: prebuild(store, repository, version, engine),
+            )
+        except UpdateSkippedError as exc:
+            runs.finish(
+                store,
+                run_id,
+                UpdateState.SKIPPED,
+                reason=str(exc),
+                progress=progress.snapshot(stage="done"),
+            )
+            return 0
+        pruned = repository.prune(settings.keep_versions)
+        state = UpdateState.SUCCEEDED if result.accepted else UpdateState.REJECTED
+        runs.finish(
+            store,
+            run_id,
+            state,
+            reason=None if result.accepted else "; ".join(result.reasons),
+            parent_version=parent.version if parent else "",
+            candidate_version=result.version,
+            progress=progress.snapshot(stage="done", eta_s=0.0, pruned=pruned, timings=result.timings),
+        )
+        log.info("update run %d: %s -> %s (%s)", run_id, result.parent, result.version, state.value)
+        return 0
+    except Exception as exc:
+        log.exception("update run %d failed", run_id)
+        runs.finish(
+            store, run_id, UpdateState.FAILED, reason=f"{type(exc).__name__}: {exc}", progress=progress.snapshot()
+        )
+        return 1
+    finally:
+        stop.set()
+        heart.join(5)
+        runs.release_lease(store, owner)
+        store.close()
