@@ -103,7 +103,49 @@ def stream_eval(r: dict[str, Any]) -> str:
     return markdown_table(header, rows) + "\n\n" + markdown_table(["goal (issue #3)", "measured", "goal"], goals) + note
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"ingest": ingest, "stream_eval": stream_eval}
+def inference(r: dict[str, Any]) -> str:
+    rows = []
+    for key, name in (("eager", "torch eager"), ("ort_fp32", "ONNX Runtime FP32"), ("ort_int8", "ONNX Runtime INT8")):
+        speedup = "1.00x" if key == "eager" else f"{r[f'{key}_vs_eager_b1']:.2f}x"
+        rows.append(
+            [
+                name,
+                f"{r[f'{key}_b1_ms_p50']:.2f}",
+                f"{r[f'{key}_b1_ms_p99']:.2f}",
+                f"{r[f'{key}_b32_images_per_s']:,.0f}",
+                speedup,
+                f"{r[f'{key}_top1_agreement_pct']:.1f}%",
+                f"{r[f'{key}_accuracy_pct']:.1f}%",
+            ]
+        )
+    rows.append(["machine limit (FLOPs / peak matmul)", f"{r['flop_limit_b1_ms']:.2f}", "", "", "", "", ""])
+    header = ["engine", "b1 p50 ms", "b1 p99 ms", "b32 images/s", "b1 vs eager", "top-1 = eager", "accuracy"]
+    swaps = markdown_table(
+        ["Classify, 4 callers", "requests", "p50 ms", "p99 ms"],
+        [
+            ["steady", f"{r['steady_requests']:,}", f"{r['steady_p50_ms']:.1f}", f"{r['steady_p99_ms']:.1f}"],
+            [
+                f"during {r['swaps']} swaps",
+                f"{r['swap_requests']:,}",
+                f"{r['swap_p50_ms']:.1f}",
+                f"{r['swap_p99_ms']:.1f}",
+            ],
+        ],
+    )
+    note = (
+        f"\n\n{r['model']} on {r['n_eval_images']} {r['data']} evaluation images, {r['torch_threads']} threads each; "
+        f"INT8 loses {r['int8_accuracy_drop_points']:.2f} points (goal: at most 1, and at least 2.5x eager). "
+        f"Hot swap: p99 during swaps {r['swap_p99_vs_steady_p99']:.2f}x steady (goal at most 1.5x), "
+        f"{r['swap_failed_requests']} failed requests. {r['machine_cpus']} CPUs ({r['machine_platform']})."
+    )
+    return markdown_table(header, rows) + "\n\n" + swaps + note
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "ingest": ingest,
+    "stream_eval": stream_eval,
+    "inference": inference,
+}
 
 
 def main() -> int:
