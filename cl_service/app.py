@@ -98,6 +98,17 @@ class ServiceCore:
             store, group_similarity=settings.alert_group_similarity, group_window_s=settings.alert_group_window_s
         )
         self.updates = UpdateScheduler(settings, store, alerted_since=self.alerts.alerted_since)
+        from cl_service.inspector import Inspector  # torch, like LiveModels
+
+        self.inspector = Inspector(
+            store,
+            self.live.repository,
+            self.alerts,
+            settings.data_dir / "heatmaps",
+            batch=settings.inspect_batch,
+            poll_s=settings.inspect_poll_s,
+            backlog=settings.inspect_backlog,
+        )
 
     @classmethod
     def open(cls, settings: Settings) -> ServiceCore:
@@ -115,7 +126,7 @@ class ServiceCore:
 
     def heatmap_path(self, sample_id: int) -> Path:
         """Where the anomaly heatmap (PNG) of a sample is kept, when it has one."""
-        return self.settings.data_dir / "heatmaps" / f"{sample_id}.png"
+        return self.inspector.heatmaps / f"{sample_id}.png"
 
     def get_sample(self, sample_id: int, *, include_image: bool, include_heatmap: bool = False) -> SampleView:
         sample = self.store.get_sample(sample_id)

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="An incident takes images for this long after its last."
     )
     alert_poll_s: float = Field(1.0, gt=0, description="How often WatchAlerts looks for other processes' alerts.")
+    inspect: bool = Field(
+        True, description="Score stored images with the live model and its anomaly model; raise alerts."
+    )
+    server_torch_threads: int = Field(1, ge=1, description="Torch threads of the server (inspector, parity checks).")
+    inspect_batch: int = Field(32, ge=1, le=1024, description="Images the inspector scores at a time.")
+    inspect_poll_s: float = Field(1.0, gt=0, description="How often the inspector looks for new images when idle.")
+    inspect_backlog: int = Field(1000, ge=0, description="At its first start, the inspector skips older images.")
+    anomaly_false_alarm_rate: float = Field(
+        0.01, gt=0, lt=1, description="Target share of known images that raise an alarm (threshold calibration)."
+    )
     scheduler: bool = Field(
         True,
         description="Run updates from this server: the schedule, the automatic triggers and TriggerUpdate's queue.",
@@ -83,6 +93,19 @@ class Settings(BaseSettings):
         default_factory=UpdateSettings,
         description="How updates train and gate a candidate ([update] table; CL_SERVICE_UPDATE__EPOCHS=...).",
     )
+    anomaly: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Anomaly model settings ([anomaly] table: image_size, epochs, ...; docs/anomaly.md); {}: defaults",
+    )
+
+    @field_validator("anomaly")
+    @classmethod
+    def _valid_anomaly_config(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if values:  # checked here, so that a typo fails at start; the import loads torch, so only when set
+            from cl_service.anomaly.config import AnomalyConfig
+
+            AnomalyConfig.model_validate(values)
+        return values
 
     @field_validator("allowed_classes")
     @classmethod

@@ -14,8 +14,12 @@ import threading
 import time
 from typing import Any
 
+import torch
+
+from cl_service.anomaly.config import AnomalyConfig
 from cl_service.config import Settings
 from cl_service.engines.base import default_engine
+from cl_service.inspector import fit_anomaly
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
 from cl_service.learning.update import UpdateSkippedError, run_update
@@ -61,6 +65,8 @@ class _Progress:
 
 def run_job(settings: Settings, run_id: int, owner: str) -> int:
     """Run update run `run_id` (claimed by `owner`, who holds the lease) to its end; 0 unless it failed."""
+    if settings.update.threads:  # this process only trains: the whole update (anomaly model included) uses them
+        torch.set_num_threads(settings.update.threads)
     store = Store.open(settings.resolved_database_url, settings.blob_dir)
     progress = _Progress()
     stop = threading.Event()
@@ -97,6 +103,22 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
                 progress=progress.snapshot(stage="done"),
             )
             return 0
+        anomaly_note = ""
+        if result.accepted:  # its anomaly model, fitted beside its classifier (the server loads it when it appears)
+            progress("anomaly", 0, 1, {})
+            try:
+                fitted = fit_anomaly(
+                    store,
+                    repository,
+                    result.version,
+                    update_settings,
+                    target_false_alarm_rate=settings.anomaly_false_alarm_rate,
+                    config=AnomalyConfig.model_validate(settings.anomaly),
+                )
+                anomaly_note = "fitted" if fitted else "too few images yet"
+            except Exception as exc:
+                log.exception("the anomaly model of %s failed", result.version)
+                anomaly_note = f"failed: {exc}"
         pruned = repository.prune(settings.keep_versions)
         state = UpdateState.SUCCEEDED if result.accepted else UpdateState.REJECTED
         runs.finish(
@@ -106,7 +128,9 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
             reason=None if result.accepted else "; ".join(result.reasons),
             parent_version=parent.version if parent else "",
             candidate_version=result.version,
-            progress=progress.snapshot(stage="done", eta_s=0.0, pruned=pruned, timings=result.timings),
+            progress=progress.snapshot(
+                stage="done", eta_s=0.0, pruned=pruned, timings=result.timings, anomaly_model=anomaly_note
+            ),
         )
         log.info("update run %d: %s -> %s (%s)", run_id, result.parent, result.version, state.value)
         return 0

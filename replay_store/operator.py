@@ -87,3 +87,20 @@ def save_predictions(store: Store, predictions: Sequence[PredictionRow]) -> None
 def prediction_of(store: Store, sample_id: int) -> PredictionRow | None:
     with store.session() as session:
         return session.get(PredictionRow, sample_id)
+
+
+def newest_prediction_sample_id(store: Store) -> int:
+    with store.session() as session:
+        return int(session.scalar(select(func.max(PredictionRow.sample_id))) or 0)
+
+
+def newest_sample_id(store: Store) -> int:
+    with store.session() as session:
+        return int(session.scalar(select(func.max(Sample.id))) or 0)
+
+
+def samples_after(store: Store, sample_id: int, limit: int) -> list[Sample]:
+    """The next `limit` samples with an id above `sample_id`, in id order."""
+    with store.session() as session:
+        query = select(Sample).where(col(Sample.id) > sample_id).order_by(col(Sample.id)).limit(limit)
+        return list(session.scalars(query))

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # Servers in tests run no update scheduler unless a test asks for one (scheduler=True): a nightly catch-up or an
 # automatic trigger would otherwise start real training beside the test. Child processes inherit this.
 os.environ["CL_SERVICE_SCHEDULER"] = "false"
+os.environ["CL_SERVICE_INSPECT"] = "false"  # likewise the inspector (scoring stored images with the live model)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"

@@ -55,6 +55,7 @@ def _settings(data_dir: Path, **extra: object) -> Settings:
         "model_poll_s": 0.3,
         "shutdown_grace_s": 2,
         "update": TINY,
+        "anomaly": {"image_size": 32, "channels": [8, 16, 32], "min_steps": 40, "epochs": 1},
     }
     values.update(extra)
     return load_settings(**values)  # type: ignore[arg-type]
@@ -101,6 +102,7 @@ def test_trigger_update_trains_in_a_worker_and_the_new_version_goes_live(tmp_pat
             ended = store_run(store, run.run_id)
             assert ended.candidate_version == "v0001" and ended.requested_by == "alice"
             assert ended.request_reason == "first model" and ended.started_at is not None
+            assert ended.progress["anomaly_model"] in ("fitted", "too few images yet"), ended.progress
             _wait(lambda: client.status().live_model_version == "v0001", 60, "the swap to v0001")
             assert client.classify(encode_image(SurfaceGenerator(SurfaceConfig(48, 48)).sample(1).pixels))
             assert client.status().current_update.run_id == 0  # nothing queued or running any more
@@ -210,6 +212,11 @@ def _toml(folder: Path, settings: Settings, port: int) -> Path:
                 "cold_start_min_accuracy = 0.0",
                 "gate_tolerance = 1.0",
                 "threads = 1",
+                "[anomaly]",
+                "image_size = 32",
+                "channels = [8, 16, 32]",
+                "min_steps = 40",
+                "epochs = 1",
                 "[update.model]",
                 f"image_size = {model.image_size}",
                 f'backbone = "{model.backbone}"',
