@@ -9,8 +9,6 @@ kept, as in the classifier's `preprocess`). Anything else raises ValueError nami
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +18,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from PIL import Image
 from torch import Tensor
+
+from cl_service.ingest.images import decode_image, pil_array
 
 ImageLike = npt.NDArray[Any] | Tensor | Image.Image | bytes
 ImageBatch = Sequence[ImageLike] | npt.NDArray[Any] | Tensor
@@ -78,9 +78,9 @@ def resize(grey: Tensor, height: int, width: int) -> Tensor:
 
 def _as_array(image: ImageLike) -> npt.NDArray[Any]:
     if isinstance(image, bytes):
-        image = _decode(image)
+        image = decode_image(image)
     if isinstance(image, Image.Image):
-        return _pil_array(image)
+        return pil_array(image)
     if isinstance(image, Tensor):
         tensor = image.detach().cpu()
         if tensor.ndim == 3:  # C x H x W -> H x W x C
@@ -93,30 +93,6 @@ def _as_array(image: ImageLike) -> npt.NDArray[Any]:
     if isinstance(image, np.ndarray):
         return image
     raise ValueError(f"an image must be a numpy array, a tensor, a PIL image or bytes, got {type(image).__name__}")
-
-
-def _decode(data: bytes) -> Image.Image:
-    if not data:
-        raise ValueError("the image bytes are empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            image.load()
-    except Exception as exc:  # any decoder failure means bad bytes
-        raise ValueError(f"the image bytes cannot be decoded: {exc}") from exc
-    return image
-
-
-def _pil_array(image: Image.Image) -> npt.NDArray[Any]:
-    if image.mode.startswith("I;16"):
-        return np.asarray(image, dtype=np.uint16)
-    if image.mode == "I":  # 32-bit integer greyscale: how Pillow may open 16-bit files
-        clipped: npt.NDArray[Any] = np.clip(np.asarray(image), 0, 65535)
-        return clipped.astype(np.uint16)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    return np.asarray(image.convert("L"))
 
 
 def _grey(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:

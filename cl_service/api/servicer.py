@@ -21,7 +21,7 @@ from cl_service.alerts import alert_snapshot, parse_cursor
 from cl_service.api import convert
 from cl_service.app import ModelView, ServiceCore
 from cl_service.errors import ErrorCode, ServiceError, invalid
-from cl_service.ingest.images import decode_checked, decode_inspected
+from cl_service.ingest.images import decode_checked, decode_image
 from cl_service.ingest.service import IngestOutcome, IngestStatus
 from cl_service.operator import CorrectionRequest, review_queue, submit_corrections
 from cl_service.scheduler import TRIGGER_MANUAL
@@ -172,7 +172,7 @@ class InspectionServicer:
         """The live model's prediction for an image the store accepted; None (and a warning when it matters) where
         there is none: the image is stored either way."""
         try:
-            decoded = await asyncio.to_thread(decode_inspected, image)
+            decoded = await asyncio.to_thread(decode_image, image)
             return convert.prediction(await self.core.live.classify(decoded), INGEST_TOP_K)
         except NoLiveEngineError:
             return None

@@ -17,7 +17,10 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from cl_service.errors import ServiceError, invalid
@@ -82,16 +85,33 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
 def decode_checked(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """`inspect_image`'s checks, then the decoded image (first frame) for classification."""
     inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    return decode_inspected(data)
+    return decode_image(data)
 
 
-def decode_inspected(data: bytes) -> Image.Image:
-    """The decoded image (first frame) of bytes that passed `inspect_image` already."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = Image.open(io.BytesIO(data))
-        image.load()
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, BMP, TIFF, WebP; first frame); ValueError when they are not one.
+    Bytes from outside go through `inspect_image` first (size caps, decompression bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except Exception as exc:  # any decoder failure means bad bytes
+        raise ValueError(f"the image cannot be decoded: {exc}") from exc
     return image
+
+
+def pil_array(image: Image.Image) -> npt.NDArray[Any]:
+    array: npt.NDArray[Any]
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image).astype(np.uint16)
+    elif image.mode == "I":  # 32-bit integer greyscale: how Pillow may open 16-bit files
+        array = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+    elif image.mode == "F":
+        array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    else:
+        array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA", "La") else "RGB"))
+    return array
 
 
 def _decode_fully(image: Image.Image, width: int, height: int) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cl_service.learning.model import decode_image, preprocess
+from cl_service.ingest.images import decode_image
+from cl_service.learning.model import preprocess
 from cl_service.learning.settings import ModelConfig
 from replay_store.store import SnapshotRow, Store
 

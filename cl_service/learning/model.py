@@ -16,11 +16,9 @@ version, its parent and a checksum of the tensors; they are written atomically.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +37,7 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from cl_service.ingest.images import decode_image, pil_array
 from cl_service.learning.settings import PRETRAINED_LITE0, PRETRAINED_NONE, ModelConfig
 from replay_store.files import write_atomically
 from replay_store.naming import class_name_problem, identifier_problem
@@ -287,18 +286,6 @@ def _listed(items: Sequence[str], limit: int = 8) -> str:
 # ---- preprocessing ------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, BMP, TIFF, WebP; first frame); ValueError when they are not one."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            image.load()
-    except Exception as exc:  # any decoder failure means bad bytes
-        raise ValueError(f"the image cannot be decoded: {exc}") from exc
-    return image
-
-
 def preprocess_encoded(images: Sequence[bytes], config: ModelConfig) -> Tensor:
     """`preprocess` of encoded images."""
     return preprocess([decode_image(data) for data in images], config)
@@ -325,7 +312,7 @@ def preprocess(images: Sequence[ImageInput], config: ModelConfig) -> Tensor:
 
 def _unit_pixels(image: ImageInput) -> Tensor:
     """(C, H, W) float32 in 0..1, C = 1 or 3."""
-    array = _pil_array(image) if isinstance(image, Image.Image) else image
+    array = pil_array(image) if isinstance(image, Image.Image) else image
     if not isinstance(array, np.ndarray):
         raise ValueError(f"an image must be a PIL image or a numpy array, got {type(image).__name__}")
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
@@ -344,19 +331,6 @@ def _unit_pixels(image: ImageInput) -> Tensor:
         raise ValueError(f"image arrays must be uint8, uint16 or float in 0..1, got {array.dtype}")
     pixels = torch.from_numpy(unit)
     return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
-
-
-def _pil_array(image: Image.Image) -> npt.NDArray[Any]:
-    array: npt.NDArray[Any]
-    if image.mode.startswith("I;16"):
-        array = np.asarray(image).astype(np.uint16)
-    elif image.mode == "I":  # 32-bit integer greyscale: how Pillow may open 16-bit files
-        array = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
-    elif image.mode == "F":
-        array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    else:
-        array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA", "La") else "RGB"))
-    return array
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
