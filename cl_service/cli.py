@@ -239,11 +239,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cl_service.engines.base import default_engine
     from cl_service.learning.repository import ModelRepository
     from cl_service.learning.settings import UpdateSettings
-    from cl_service.learning.update import UpdateSkippedError, run_update
-    from cl_service.serving.publish import prebuild
+    from cl_service.learning.update import UpdateSkippedError
+    from cl_service.update_job import update_and_publish
     from replay_store.store import Store
 
     settings = _settings(args)
@@ -263,20 +262,13 @@ def cmd_update(args: argparse.Namespace) -> int:
                 note = "  ".join(f"{k} {v:.3f}" for k, v in values.items())
                 bars.update(tasks[stage], completed=step, total=max(total, 1), note=note)
 
-            engine = default_engine() if settings.engine == "auto" else settings.engine
-
-            def engine_check(version: str) -> None:
-                built = prebuild(store, repository, version, engine)
-                notes.append(f"{engine} engine built and checked in {built.seconds:.1f} s: {built.parity.describe()}")
-
-            notes: list[str] = []
-            result = run_update(store, repository, update_settings, progress=progress, engine_check=engine_check)
-        pruned = repository.prune(settings.keep_versions)
+            updated = update_and_publish(settings, store, repository, update_settings, progress)
     except UpdateSkippedError as exc:
         print(f"no update: {exc}")
         return 0
     finally:
         store.close()
+    result = updated.result
     verdict = "accepted, now live" if result.accepted else "rejected; the live model stays"
     print(f"{result.version} (parent {result.parent or 'none'}): {verdict}")
     for reason in result.reasons:
@@ -285,10 +277,12 @@ def cmd_update(args: argparse.Namespace) -> int:
         print(f"  validation accuracy {result.candidate.accuracy:.1%}, macro-F1 {result.candidate.macro_f1:.1%}")
     print("  " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
-    for note in notes:
-        print(f"  {note}")
-    if pruned:
-        print(f"  retention removed {', '.join(pruned)} (keep_versions {settings.keep_versions})")
+    if updated.engine_note:
+        print(f"  {updated.engine_note}")
+    if updated.anomaly_note:
+        print(f"  anomaly model: {updated.anomaly_note}")
+    if updated.pruned:
+        print(f"  retention removed {', '.join(updated.pruned)} (keep_versions {settings.keep_versions})")
     return 0 if result.accepted else 1
 
 

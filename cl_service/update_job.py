@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from cl_service.engines.base import default_engine
 from cl_service.inspector import fit_anomaly
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
-from cl_service.learning.update import UpdateSkippedError, run_update
+from cl_service.learning.update import Progress, UpdateResult, UpdateSkippedError, run_update
 from cl_service.serving.publish import prebuild
 from replay_store import runs
 from replay_store.models import UpdateState
@@ -63,6 +64,52 @@ class _Progress:
             return {**self.data, **extra}
 
 
+@dataclass(frozen=True)
+class Updated:
+    result: UpdateResult
+    engine_note: str  # the accepted version's engine: built and checked, with its parity figures
+    anomaly_note: str  # its anomaly model: "fitted", "too few images yet" or "failed: ..."
+    pruned: list[str]  # versions retention removed
+
+
+def update_and_publish(
+    settings: Settings,
+    store: Store,
+    repository: ModelRepository,
+    update_settings: UpdateSettings,
+    progress: Progress,
+) -> Updated:
+    """One whole update, as `cl-service update` and the scheduler's worker both run it: the learning loop; the
+    accepted candidate's engine built and checked before it is recorded; its anomaly model; retention.
+    Raises UpdateSkippedError when there is nothing to train on."""
+    engine = default_engine() if settings.engine == "auto" else settings.engine
+    notes: list[str] = []
+
+    def engine_check(version: str) -> None:
+        built = prebuild(store, repository, version, engine)
+        notes.append(f"{engine} engine built and checked in {built.seconds:.1f} s: {built.parity.describe()}")
+
+    result = run_update(store, repository, update_settings, progress=progress, engine_check=engine_check)
+    anomaly_note = ""
+    if result.accepted:  # its anomaly model, fitted beside its classifier (servers load it when it appears)
+        progress("anomaly", 0, 1, {})
+        try:
+            fitted = fit_anomaly(
+                store,
+                repository,
+                result.version,
+                update_settings,
+                target_false_alarm_rate=settings.anomaly_false_alarm_rate,
+                config=AnomalyConfig.model_validate(settings.anomaly),
+            )
+            anomaly_note = "fitted" if fitted else "too few images yet"
+        except Exception as exc:
+            log.exception("the anomaly model of %s failed", result.version)
+            anomaly_note = f"failed: {exc}"
+    pruned = repository.prune(settings.keep_versions)
+    return Updated(result, notes[0] if notes else "", anomaly_note, pruned)
+
+
 def run_job(settings: Settings, run_id: int, owner: str) -> int:
     """Run update run `run_id` (claimed by `owner`, who holds the lease) to its end; 0 unless it failed."""
     if settings.update.threads:  # this process only trains: the whole update (anomaly model included) uses them
@@ -83,17 +130,9 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
     heart.start()
     try:
         repository = ModelRepository(settings.data_dir / "models", store)
-        engine = default_engine() if settings.engine == "auto" else settings.engine
         update_settings = UpdateSettings.model_validate(settings.update.model_dump())
-        parent = repository.live()
         try:
-            result = run_update(
-                store,
-                repository,
-                update_settings,
-                progress=progress,
-                engine_check=lambda version: prebuild(store, repository, version, engine),
-            )
+            updated = update_and_publish(settings, store, repository, update_settings, progress)
         except UpdateSkippedError as exc:
             runs.finish(
                 store,
@@ -103,33 +142,22 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
                 progress=progress.snapshot(stage="done"),
             )
             return 0
-        anomaly_note = ""
-        if result.accepted:  # its anomaly model, fitted beside its classifier (the server loads it when it appears)
-            progress("anomaly", 0, 1, {})
-            try:
-                fitted = fit_anomaly(
-                    store,
-                    repository,
-                    result.version,
-                    update_settings,
-                    target_false_alarm_rate=settings.anomaly_false_alarm_rate,
-                    config=AnomalyConfig.model_validate(settings.anomaly),
-                )
-                anomaly_note = "fitted" if fitted else "too few images yet"
-            except Exception as exc:
-                log.exception("the anomaly model of %s failed", result.version)
-                anomaly_note = f"failed: {exc}"
-        pruned = repository.prune(settings.keep_versions)
+        result = updated.result
         state = UpdateState.SUCCEEDED if result.accepted else UpdateState.REJECTED
         runs.finish(
             store,
             run_id,
             state,
             reason=None if result.accepted else "; ".join(result.reasons),
-            parent_version=parent.version if parent else "",
+            parent_version=result.parent or "",
             candidate_version=result.version,
             progress=progress.snapshot(
-                stage="done", eta_s=0.0, pruned=pruned, timings=result.timings, anomaly_model=anomaly_note
+                stage="done",
+                eta_s=0.0,
+                pruned=updated.pruned,
+                timings=result.timings,
+                engine=updated.engine_note,
+                anomaly_model=updated.anomaly_note,
             ),
         )
         log.info("update run %d: %s -> %s (%s)", run_id, result.parent, result.version, state.value)
