@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
+import os
 import sys
 import threading
 import time
@@ -287,7 +289,14 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_run_update(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from cl_service.update_job import run_job
+
+    faulthandler.enable()  # a crash in native code (torch, faiss) leaves its Python stack in the run's reason
+    with contextlib.suppress(OSError):
+        os.nice(10)  # training yields the CPU to serving. Set here, not in a preexec_fn: Python code run between
+        # fork and exec in the multi-threaded server (gRPC's threads) crashed the child now and then (SIGSEGV)
 
     settings = Settings.model_validate_json(args.settings_json.read_text())
     _logging(settings)

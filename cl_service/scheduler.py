@@ -164,7 +164,7 @@ class UpdateScheduler:
         command += ["run-update", "--run-id", str(run_id), "--owner", owner, "--settings-json", str(settings_file)]
         log.info("update run %d starting in a worker process", run_id)
         self._child = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=_lower_priority
+            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(run_id, owner), name="update-lease")
         try:
@@ -194,8 +194,3 @@ class UpdateScheduler:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(runs.renew, self.store, owner, ttl, run_id)
             await asyncio.sleep(ttl / 4)
-
-
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError):
-        os.nice(10)
