@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from cl_service.api.server import RunningServer, server_in_thread
 from cl_service.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from cl_service.client import Client
     from cl_service.learning.model import InspectionModel
     from cl_service.learning.repository import ModelRepository
 
@@ -47,6 +48,19 @@ def png_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll until `condition()` is true; fail saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(poll_s)
+
+
+def wait_for_live(client: Client, version: str, timeout_s: float = 60.0) -> None:
+    """Wait until the server serves `version`."""
+    wait_until(lambda: client.status().live_model_version == version, timeout_s, f"{version} going live")
 
 
 def free_port() -> int:

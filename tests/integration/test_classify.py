@@ -20,7 +20,7 @@ from cl_service.learning.model import InspectionModel, save_checkpoint
 from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.v1 import inspection_pb2 as pb
-from tests.conftest import add_model_version, png_bytes
+from tests.conftest import add_model_version, png_bytes, wait_for_live
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +43,6 @@ def _make_live(repository: ModelRepository, version: str, model: InspectionModel
     add_model_version(repository, version, model, make_live=True)
 
 
-def _wait_for(client: Client, version: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while client.status().live_model_version != version:
-        assert time.monotonic() < deadline, f"{version} did not go live within {timeout_s} s"
-        time.sleep(0.1)
-
-
 def _code_and_reason(call: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as caught:
         call()  # type: ignore[operator]
@@ -68,7 +61,7 @@ def test_classify_serves_the_live_version_and_swaps_to_newer_ones(served: tuple[
         torch.manual_seed(0)
         model = InspectionModel(CONFIG, ["good", "pit"])
         _make_live(repository, "v0001", model)
-        _wait_for(client, "v0001")
+        wait_for_live(client, "v0001")
         prediction = client.classify(png_bytes(7), top_k=5)
         assert prediction.model_version == "v0001" and prediction.class_name in ("good", "pit")
         scores = [s.probability for s in prediction.top_classes]
@@ -80,7 +73,7 @@ def test_classify_serves_the_live_version_and_swaps_to_newer_ones(served: tuple[
 
         model.grow(["scratch"])
         _make_live(repository, "v0002", model)
-        _wait_for(client, "v0002")
+        wait_for_live(client, "v0002")
         prediction = client.classify(png_bytes(9), top_k=3)
         assert prediction.model_version == "v0002" and len(prediction.top_classes) == 3
 
@@ -106,7 +99,7 @@ def test_classify_refuses_bad_input_with_clear_codes_and_keeps_serving(served: t
     _make_live(repository, "v0001", InspectionModel(CONFIG, ["good", "pit"]))
     png = png_bytes(3)
     with Client(target) as client, grpc.insecure_channel(target) as channel:
-        _wait_for(client, "v0001")
+        wait_for_live(client, "v0001")
         raw = channel.unary_unary(
             "/cl_service.v1.InspectionService/Classify",
             request_serializer=lambda data: data,

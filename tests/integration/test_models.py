@@ -25,7 +25,7 @@ from cl_service.learning.settings import ModelConfig
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store.models import ModelState
 from replay_store.store import Store
-from tests.conftest import add_model_version, png_bytes
+from tests.conftest import add_model_version, png_bytes, wait_for_live
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,6 @@ def _model(classes: int, seed: int) -> InspectionModel:
     return InspectionModel(CONFIG, CLASSES[:classes])
 
 
-def _wait_for(client: Client, version: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while client.status().live_model_version != version:
-        assert time.monotonic() < deadline, f"{version} did not go live within {timeout_s} s"
-        time.sleep(0.1)
-
-
 def _refusal(call: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as caught:
         call()  # type: ignore[operator]
@@ -75,7 +68,7 @@ def test_list_activate_roll_back_and_refuse(served: Served, capsys: pytest.Captu
     add_model_version(repository, "v0002", _model(3, 2), parent="v0001", make_live=True)
     add_model_version(repository, "v0003", _model(3, 3), parent="v0002", accepted=False)
     with Client(served.target, timeout_s=120) as client:
-        _wait_for(client, "v0002")
+        wait_for_live(client, "v0002")
         listed = client.list_models()
         assert [m.version for m in listed.models] == ["v0002", "v0001"] and listed.live_version == "v0002"
         newest, oldest = listed.models
@@ -148,7 +141,7 @@ def test_ingest_replies_carry_the_live_prediction(served: Served) -> None:
         assert all(r.durable and r.prediction is None for r in results)  # nothing live yet
 
         add_model_version(served.repository, "v0001", _model(3, 1), make_live=True)
-        _wait_for(client, "v0001")
+        wait_for_live(client, "v0001")
         images = [CameraImage(png_bytes(200 + i), label="pit" if i == 0 else None) for i in range(5)]
         results = list(CameraClient(served.target, "cam-2").stream(images))
         assert all(r.durable for r in results)
@@ -209,7 +202,7 @@ def test_hot_swaps_under_load_drop_nothing(served: Served) -> None:
                 ingested.append(result.prediction.model_version)
 
     with Client(served.target, timeout_s=120) as admin:
-        _wait_for(admin, "v0001")
+        wait_for_live(admin, "v0001")
         workers = [threading.Thread(target=call_classify, args=(i,)) for i in range(4)]
         workers.append(threading.Thread(target=ingest))
         began = time.monotonic()

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from cl_service.v1 import inspection_pb2 as pb
 from replay_store import runs
 from replay_store.models import UpdateRun, UpdateState, utcnow
 from replay_store.store import NewSample, Store
-from tests.conftest import free_port, wait_for_listening
+from tests.conftest import free_port, wait_for_listening, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,13 +70,6 @@ def _fill(store: Store, count: int = 40, start: int = 0) -> None:
     store.add_samples(batch)
 
 
-def _wait(predicate: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
-        time.sleep(0.2)
-
-
 def test_trigger_update_trains_in_a_worker_and_the_new_version_goes_live(tmp_path: Path) -> None:
     settings = _settings(tmp_path / "data")
     with server_in_thread(settings) as running:
@@ -103,7 +95,7 @@ def test_trigger_update_trains_in_a_worker_and_the_new_version_goes_live(tmp_pat
             assert ended.candidate_version == "v0001" and ended.requested_by == "alice"
             assert ended.request_reason == "first model" and ended.started_at is not None
             assert ended.progress["anomaly_model"] in ("fitted", "too few images yet"), ended.progress
-            _wait(lambda: client.status().live_model_version == "v0001", 60, "the swap to v0001")
+            wait_until(lambda: client.status().live_model_version == "v0001", 60, "the swap to v0001")
             assert client.classify(encode_image(SurfaceGenerator(SurfaceConfig(48, 48)).sample(1).pixels))
             assert client.status().current_update.run_id == 0  # nothing queued or running any more
             models = client.list_models().models
@@ -131,11 +123,11 @@ def test_a_worker_killed_mid_update_fails_its_run_and_leaves_the_live_model(tmp_
                         return child
                 return None
 
-            _wait(lambda: store_run(store, run.run_id).progress.get("stage") == "train", 120, "training")
+            wait_until(lambda: store_run(store, run.run_id).progress.get("stage") == "train", 120, "training")
             process = worker()
             assert process is not None
             process.send_signal(signal.SIGKILL)
-            _wait(lambda: store_run(store, run.run_id).state == UpdateState.FAILED.value, 60, "the failure")
+            wait_until(lambda: store_run(store, run.run_id).state == UpdateState.FAILED.value, 60, "the failure")
             failed = store_run(store, run.run_id)
             assert "exited with code -9" in (failed.reason or "")
             assert client.status().live_model_version == ""  # nothing went live
@@ -155,7 +147,7 @@ def test_a_run_left_running_by_a_dead_server_is_failed_at_the_next_start(tmp_pat
         orphan_id = orphan.id or 0
     store.close()
     with server_in_thread(settings) as running:
-        _wait(lambda: store_run(running.core.store, orphan_id).state == "failed", 30, "the reaping")
+        wait_until(lambda: store_run(running.core.store, orphan_id).state == "failed", 30, "the reaping")
         assert "no heartbeat" in (store_run(running.core.store, orphan_id).reason or "")
 
 
@@ -179,10 +171,10 @@ def test_two_server_processes_run_one_update_at_a_time(tmp_path: Path) -> None:
             wait_for_listening(port, server)
         with Client(f"127.0.0.1:{ports[0]}") as first, Client(f"127.0.0.1:{ports[1]}") as second:
             one = first.trigger_update("alice")
-            _wait(lambda: store_run(store, one.run_id).state == "running", 60, "the first run starting")
+            wait_until(lambda: store_run(store, one.run_id).state == "running", 60, "the first run starting")
             two = second.trigger_update("bob")  # queued behind the running one
             assert two.run_id != one.run_id
-            _wait(lambda: store_run(store, two.run_id).state in runs.TERMINAL, 300, "the second run ending")
+            wait_until(lambda: store_run(store, two.run_id).state in runs.TERMINAL, 300, "the second run ending")
         a, b = store_run(store, one.run_id), store_run(store, two.run_id)
         assert a.state == UpdateState.SUCCEEDED.value, a.reason
         assert b.state == UpdateState.SKIPPED.value and "nothing new since v0001" in (b.reason or ""), b.reason
