@@ -2,8 +2,8 @@
 
 `AnomalyModel` combines an autoencoder's reconstruction error with the distance of the image's embedding to
 its nearest exemplar embeddings, and calibrates its alarm threshold conformally on held-out known images.
-Guide: docs/anomaly.md. Importing this package loads torch and numpy only (faiss, matplotlib and safetensors
-are imported when first needed).
+Guide: docs/anomaly.md. Importing this package loads torch, numpy, PIL and pydantic; faiss, matplotlib and
+safetensors are imported when first needed.
 """
 
 from cl_service.anomaly.calibration import ConformalThreshold, Standardiser, conformal_threshold, p_values

@@ -1,7 +1,8 @@
 """Heatmaps for alerts: an error map, upsampled to the image, coloured and laid over it, as PNG bytes.
 
-The colour scale is fixed by calibration, not per image: 0 is no error and 1 (red) is the local error that alone
-would reach the alarm threshold, so a heatmap without red is an image the autoencoder found ordinary everywhere.
+The colour scale is fixed by calibration, not per image (`AnomalyModel.heatmaps` maps the windowed error to
+0..1 between two levels of known images' scores). Colour fades in with the value (its opacity grows with it), so
+ordinary regions show the plain image.
 matplotlib (for the colormap) is imported on the first heatmap, not with this module.
 """
 
@@ -26,9 +27,9 @@ def render_heatmap(
     heat: npt.NDArray[np.float32],
     *,
     max_side: int = 512,
-    opacity: float = 0.5,
+    opacity: float = 0.7,
 ) -> bytes:
-    """PNG (RGB) of `heat` (any size, values 0..1, clipped) over the grey image (H x W, 0..1).
+    """PNG (RGB) of `heat` (any size, values 0..1, clipped) over the grey image (H x W, 0..1), `opacity` at heat 1.
 
     The output has the image's size, scaled down so that its longer side is at most `max_side`.
     """
@@ -39,7 +40,8 @@ def render_heatmap(
     hot = resize(torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32)), height, width).numpy()
     levels = np.clip(np.rint(np.clip(hot, 0.0, 1.0) * (LUT_SIZE - 1)), 0, LUT_SIZE - 1).astype(np.intp)
     colour = _lookup_table()[levels]
-    blended = (1.0 - opacity) * np.clip(base, 0.0, 1.0)[:, :, None] + opacity * colour
+    alpha = opacity * np.clip(hot, 0.0, 1.0)[:, :, None]
+    blended = (1.0 - alpha) * np.clip(base, 0.0, 1.0)[:, :, None] + alpha * colour
     pixels = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, "PNG")

@@ -5,8 +5,9 @@ Two scores, each standardised against known images the model never trained on, t
 - autoencoder: the largest windowed reconstruction error of a small convolutional autoencoder trained on known
   images (`reconstruction.py`);
 - feature: 1 - mean cosine similarity of the image's embedding to its k nearest exemplar embeddings
-  (`novelty.py`); the caller chooses the embedding model (the service: its live classifier). Optional: without
-  exemplars (day one, before the first classifier) the autoencoder alone decides.
+  (`novelty.py`); the caller chooses the embedding model (docs/anomaly.md: a frozen pretrained backbone did
+  better than a briefly fine-tuned classifier). Optional: without exemplars (day one, before the first
+  classifier) the autoencoder alone decides.
 
 Calibration uses known images only. They are split (seeded) into a part that fixes each score's location and
 scale and a part whose combined scores give the conformal threshold for the target false-alarm rate
@@ -59,6 +60,7 @@ FORMAT = "cl-service/anomaly-model"
 FORMAT_VERSION = 1
 TENSORS_FILE = "anomaly.safetensors"
 META_FILE = "anomaly.json"
+HEAT_FULL_QUANTILE = 0.9
 NOT_FITTED = "the anomaly model is not fitted yet; call fit() or load() first"
 
 
@@ -104,7 +106,8 @@ class Calibration:
     standardise_images: int
     threshold_images: int
     exemplars: int  # 0: no feature score
-    heat_scale: float  # windowed error drawn full red in heatmaps
+    heat_low: float  # windowed error where heatmap colour starts (the median known image's worst window)
+    heat_high: float  # windowed error drawn in full colour (red)
     seed: int
     calibrated_at: str
 
@@ -198,10 +201,13 @@ class AnomalyModel:
         started = time.perf_counter()
         losses = train_autoencoder(net, inputs, self.config, seed=seed, epochs=epochs, progress=progress)
         seconds = time.perf_counter() - started
-        self._net = net
-        self._trained_on = frozenset(_fingerprints(grey))
-        self._novelty = novelty
-        calibration = self._calibrate(calibration_grey, calibration_embeddings, target_false_alarm_rate, seed)
+        previous = (self._net, self._trained_on, self._novelty)
+        self._net, self._trained_on, self._novelty = net, frozenset(_fingerprints(grey)), novelty
+        try:
+            calibration = self._calibrate(calibration_grey, calibration_embeddings, target_false_alarm_rate, seed)
+        except BaseException:  # a model that cannot be calibrated is not kept: the previous one stays whole
+            self._net, self._trained_on, self._novelty = previous
+            raise
         steps, _ = training_steps(len(grey), self.config, epochs)
         self._fit_info = {"train_images": len(grey), "steps": steps, "epochs": len(losses), "seed": seed}
         self._fit_info["losses"] = [round(v, 6) for v in losses]
@@ -264,9 +270,11 @@ class AnomalyModel:
         rule = conformal_threshold(combined[threshold_part], rate)
         if not rule.meets_target:
             warnings.warn(_too_few(rule), CalibrationWarning, stacklevel=3)
-        heat_scale = ae_scale.location + rule.threshold * ae_scale.scale
-        if not heat_scale > 0:
-            heat_scale = float(ae.max()) or 1.0
+        # Heatmaps: colour starts at the worst window of a typical known image (the median autoencoder score)
+        # and is full at the worst window of the 1-in-10 most unusual known images, the same scale for every image.
+        heat_low, heat_high = (float(v) for v in np.quantile(ae[threshold_part], [0.5, HEAT_FULL_QUANTILE]))
+        if not heat_high > heat_low:
+            heat_high = heat_low + max(abs(heat_low), 1.0) * 1e-6
         self._reference = np.sort(combined[threshold_part])
         self._calibration = Calibration(
             target_false_alarm_rate=float(rate),
@@ -284,7 +292,8 @@ class AnomalyModel:
             standardise_images=len(scale_part),
             threshold_images=len(threshold_part),
             exemplars=0 if self._novelty is None else self._novelty.count,
-            heat_scale=float(heat_scale),
+            heat_low=heat_low,
+            heat_high=heat_high,
             seed=seed,
             calibrated_at=datetime.now(UTC).isoformat(),
         )
@@ -323,13 +332,16 @@ class AnomalyModel:
     def heatmaps(self, images: ImageBatch, *, max_side: int = 512) -> list[bytes]:
         """One PNG per image: its error map in colour over the image, at the image's size (longer side capped).
 
-        Red marks windows whose error alone reaches the alarm threshold (with an ordinary feature score).
+        Colour fades in where the windowed error passes the worst window of a typical known image and is full
+        (red) at the worst window of the 1-in-10 most unusual known images; elsewhere the image shows through.
         """
-        scale = self.calibration.heat_scale
+        low, high = self.calibration.heat_low, self.calibration.heat_high
         items = image_list(images)
         greys = [grey_unit(image, i) for i, image in enumerate(items)]
         maps = self.error_maps(items)
-        return [render_heatmap(g, m / scale, max_side=max_side) for g, m in zip(greys, maps, strict=True)]
+        return [
+            render_heatmap(g, (m - low) / (high - low), max_side=max_side) for g, m in zip(greys, maps, strict=True)
+        ]
 
     def _local_maps(self, grey: Tensor) -> Tensor:
         return local_error_maps(self._net, normalise_intensity(grey, self.config.intensity), self.config)

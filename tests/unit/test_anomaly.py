@@ -311,7 +311,7 @@ def test_bad_embeddings_raise_clear_errors(fitted: AnomalyModel, embeddings: obj
         fitted.score(surfaces(0, 2), embeddings)  # type: ignore[arg-type]
 
 
-def test_bad_fit_arguments_raise_before_training() -> None:
+def test_bad_fit_arguments_raise_clear_errors() -> None:
     model = AnomalyModel(SMALL)
     for call in (model.score, model.error_maps, model.heatmaps, model.recalibrate):
         with pytest.raises(AnomalyModelError, match="not fitted"):
@@ -327,6 +327,8 @@ def test_bad_fit_arguments_raise_before_training() -> None:
             exemplar_embeddings=cluster_embeddings(0, 2),
             calibration_embeddings=cluster_embeddings(1, 4),
         )
+    with pytest.raises(ValueError, match="did not train on"):  # calibration images all among the training ones
+        model.fit(surfaces(0, 6), surfaces(0, 6))
     with pytest.raises(ValueError, match="divisible"):
         AnomalyConfig(image_size=36, channels=(8, 16, 16))
     assert not model.is_fitted
