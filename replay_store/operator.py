@@ -89,6 +89,20 @@ def prediction_of(store: Store, sample_id: int) -> PredictionRow | None:
         return session.get(PredictionRow, sample_id)
 
 
+def anomalous_sample_ids(store: Store, sample_ids: Sequence[int]) -> set[int]:
+    """Which of these samples the inspector flagged as unlike anything known (their latest prediction)."""
+    flagged: set[int] = set()
+    wanted = sorted(set(sample_ids))
+    with store.session() as session:
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            query = select(col(PredictionRow.sample_id)).where(
+                col(PredictionRow.sample_id).in_(chunk), col(PredictionRow.anomalous).is_(True)
+            )
+            flagged.update(int(sample_id) for sample_id in session.scalars(query))
+    return flagged
+
+
 def newest_prediction_sample_id(store: Store) -> int:
     with store.session() as session:
         return int(session.scalar(select(func.max(PredictionRow.sample_id))) or 0)

@@ -6,6 +6,7 @@ Stages, in order:
    watermark: the newest sample and label it saw) is what this update learns from.
 2. teacher: the live model with test-time augmentation labels the new unlabeled samples; adaptive per-class
    thresholds decide which labels are kept; kept ones are stored as pseudo-labels (below any human label).
+   Samples the inspector flagged as anomalous (a possible unknown defect) are left for an operator.
 3. train: the student starts from the live model (its head grown for new classes) and minimises
    cross-entropy on the new human labels (class-balanced batches, weak augmentation), cross-entropy on the
    pseudo-labels under strong augmentation (FixMatch), replay of the exemplars with their stored logits
@@ -46,7 +47,7 @@ from cl_service.learning.data import (
     to_unit,
 )
 from cl_service.learning.ewc import OnlineEWC
-from cl_service.learning.metrics import Metrics, compare, evaluate
+from cl_service.learning.metrics import Metrics, compare, evaluate, paired_changes
 from cl_service.learning.model import InspectionModel, save_checkpoint
 from cl_service.learning.pseudo import (
     AdaptiveThresholds,
@@ -67,6 +68,7 @@ from cl_service.learning.repository import (
 )
 from cl_service.learning.settings import UpdateSettings
 from replay_store.exemplars import Candidate, Exemplar, ReplayBuffer
+from replay_store.operator import anomalous_sample_ids
 from replay_store.replay_index import ReplayIndex, write_embeddings
 from replay_store.store import PseudoLabel, SnapshotRow, Store
 
@@ -192,19 +194,23 @@ def _run(
 
     pseudo_rows: list[SnapshotRow] = []
     pseudo_targets: list[int] = []
-    if teacher is not None and new_unlabeled and settings.pseudo_weight > 0:
+    # Images the inspector flagged as unlike anything known are not the teacher's to label: it would file a
+    # new defect type under the nearest known class, and teach the student exactly that confusion.
+    flagged = anomalous_sample_ids(store, [r.sample_id for r in new_unlabeled]) if teacher is not None else set()
+    judged = [r for r in new_unlabeled if r.sample_id not in flagged]
+    if teacher is not None and judged and settings.pseudo_weight > 0:
         assert live_row is not None
-        report("teacher", 0, len(new_unlabeled), {})
-        probs = _predict(teacher, images, new_unlabeled, tta=True)
+        report("teacher", 0, len(judged), {})
+        probs = _predict(teacher, images, judged, tta=True)
         probs = F.pad(probs, (0, len(classes) - probs.shape[1]))  # the teacher never predicts the new classes
         labels = PseudoLabeler(thresholds, teacher_version=live_row.version).label(probs)
-        kept = [(row, label) for row, label in zip(new_unlabeled, labels, strict=True) if label is not None]
+        kept = [(row, label) for row, label in zip(judged, labels, strict=True) if label is not None]
         store.add_pseudo_labels(
             [PseudoLabel(row.sample_id, label.class_name, label.confidence, live_row.version) for row, label in kept]
         )
         pseudo_rows = [row for row, _ in kept]
         pseudo_targets = [index_of[label.class_name] for _, label in kept]
-        report("teacher", len(new_unlabeled), len(new_unlabeled), {"accepted": float(len(kept))})
+        report("teacher", len(judged), len(judged), {"accepted": float(len(kept))})
     lap("teacher")
 
     labeled = _labeled_set(images, new_labeled if live_row else human_train, index_of)
@@ -212,7 +218,7 @@ def _run(
         pseudo_rows,
         images.load(pseudo_rows),
         torch.tensor(pseudo_targets, dtype=torch.long),
-        looked_at=len(new_unlabeled),
+        looked_at=len(judged),
     )
     replay = _replay_set(images, exemplars, by_id, index_of)
     lap("decode")
@@ -225,8 +231,10 @@ def _run(
     report("validate", 0, len(validation), {})
     y_true = [index_of[row.label] for row in validation if row.label in index_of]
     rows_val = [row for row in validation if row.label in index_of]
-    candidate_metrics = _score(model, images, rows_val, y_true, classes)
-    live_metrics = _score(teacher, images, rows_val, y_true, classes) if teacher is not None else None
+    candidate_pred = _predicted(model, images, rows_val)
+    live_pred = _predicted(teacher, images, rows_val) if teacher is not None else []
+    candidate_metrics = evaluate(y_true, candidate_pred, classes) if rows_val else None
+    live_metrics = evaluate(y_true, live_pred, classes) if rows_val and teacher is not None else None
     if candidate_metrics is not None and live_metrics is not None and teacher is not None:
         decision = compare(
             candidate_metrics,
@@ -234,6 +242,8 @@ def _run(
             old_classes=list(teacher.classes),
             tolerance=settings.gate_tolerance,
             min_support=settings.gate_min_support,
+            changes=paired_changes(y_true, live_pred, candidate_pred, classes),
+            significance=settings.gate_significance,
         )
         accepted, reasons = decision.accepted, list(decision.reasons) + list(decision.notes)
     elif candidate_metrics is None:
@@ -258,6 +268,7 @@ def _run(
         "validation": len(rows_val),
         "new_labeled": len(labeled.rows),
         "new_unlabeled": len(new_unlabeled),
+        "unlabeled_flagged_unknown": len(flagged),
         "pseudo_accepted": len(pseudo_rows),
         "replayed": len(replay.rows),
     }
@@ -488,13 +499,8 @@ def _predict(model: InspectionModel, images: ImageTensors, rows: Sequence[Snapsh
     return torch.cat(out) if out else torch.empty((0, model.num_classes))
 
 
-def _score(
-    model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow], y_true: list[int], classes: list[str]
-) -> Metrics | None:
-    if not rows:
-        return None
-    predicted = _predict(model, images, rows, tta=False).argmax(dim=1).tolist()
-    return evaluate(y_true, predicted, classes)
+def _predicted(model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow]) -> list[int]:
+    return _predict(model, images, rows, tta=False).argmax(dim=1).tolist() if rows else []
 
 
 def _after_acceptance(

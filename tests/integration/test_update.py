@@ -16,7 +16,8 @@ from cl_service.learning.update import REPLAY_INDEX, UpdateSkippedError, run_upd
 from cl_service.serving.publish import ENGINES_FILE, GOLDEN_FILE, prebuild
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from replay_store.exemplars import ReplayBuffer
-from replay_store.models import LabelSource
+from replay_store.models import LabelSource, PredictionRow, utcnow
+from replay_store.operator import save_predictions
 from replay_store.replay_index import ReplayIndex
 from replay_store.store import NewSample, Store
 
@@ -85,9 +86,30 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
     with pytest.raises(UpdateSkippedError, match="nothing new"):
         run_update(store, repository, SETTINGS)
 
-    # A new defect appears: a few labeled, most not; the teacher labels the unlabeled known ones.
+    # A new defect appears: a few labeled, most not; the teacher labels the unlabeled known ones, but not the
+    # ones the inspector flagged as unlike anything known (it would file them under a known class).
     _ingest(store, ("good", "scratch", "pit"), 60, start=1000, labeled_every=2)
+    unlabeled = [row.sample_id for row in store.snapshot().unlabeled]
+    flagged = unlabeled[::3]
+    save_predictions(
+        store,
+        [
+            PredictionRow(
+                sample_id=i,
+                model_version="v0001",
+                class_name="good",
+                confidence=0.99,
+                margin=0.98,
+                top_classes={"good": 0.99},
+                anomalous=True,
+                created_at=utcnow(),
+            )
+            for i in flagged
+        ],
+    )
     second = run_update(store, repository, SETTINGS)
+    assert second.counts["unlabeled_flagged_unknown"] == len(flagged)
+    assert not any(store.labels_of(i) for i in flagged), "a flagged image was pseudo-labelled"
     assert second.parent == "v0001"
     assert second.candidate is not None and "pit" in second.candidate.classes
     assert second.live is not None
