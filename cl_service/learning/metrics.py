@@ -15,6 +15,7 @@ Everything is JSON-serialisable through `to_dict`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -182,6 +183,37 @@ def _points(value: float) -> str:
     return f"{100.0 * value:.1f}"
 
 
+@dataclass(frozen=True)
+class Flips:
+    """Paired outcome of one class's validation images: live right and candidate wrong, and the reverse."""
+
+    worse: int
+    better: int
+
+    def p_worse(self) -> float:
+        """One-sided exact sign test (McNemar): P(at least `worse` of the changed images go against the candidate
+        if a change were as likely either way). Small: the candidate really is worse on this class."""
+        n = self.worse + self.better
+        return sum(math.comb(n, k) for k in range(self.worse, n + 1)) / 2.0**n if n else 1.0
+
+
+def paired_changes(
+    y_true: Labels, live_pred: Labels, candidate_pred: Labels, classes: Sequence[str]
+) -> dict[str, Flips]:
+    """Per true class, the images only the live model got right (worse) and only the candidate got right (better)."""
+    classes = [str(c) for c in classes]
+    truth = _as_indices(y_true, classes, "y_true")
+    live_idx = _as_indices(live_pred, classes, "live_pred")
+    cand_idx = _as_indices(candidate_pred, classes, "candidate_pred")
+    if not truth.shape == live_idx.shape == cand_idx.shape:
+        raise ValueError("y_true, live_pred and candidate_pred differ in length")
+    live, cand = live_idx == truth, cand_idx == truth
+    return {
+        name: Flips(int((live & ~cand & (truth == i)).sum()), int((cand & ~live & (truth == i)).sum()))
+        for i, name in enumerate(classes)
+    }
+
+
 def compare(
     candidate: Metrics,
     live: Metrics,
@@ -189,6 +221,8 @@ def compare(
     old_classes: Sequence[str] | None = None,
     tolerance: float = 0.02,
     min_support: int = 10,
+    changes: Mapping[str, Flips] | None = None,
+    significance: float = 0.0,
 ) -> GateDecision:
     """Gate a candidate against the live model, both scored on the same validation images.
 
@@ -196,9 +230,15 @@ def compare(
     `tolerance` accuracy (0.02 = 2 points), when an old class is missing from the candidate, or when macro-F1 drops by
     more than `tolerance`. Score both models with the same class list (the candidate's: the live model simply never
     predicts the new classes); differing supports mean different images, a ValueError.
+
+    With `changes` (from `paired_changes`) and `significance` > 0, a class's drop beyond the tolerance rejects only
+    when it is also unlikely to be chance: the one-sided sign test over the images whose outcome changed gives
+    p <= `significance`. On 50 images one image is 2 points; without the test a 2-point gate rejects on noise.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if not 0.0 <= significance < 1.0:
+        raise ValueError(f"significance must be in [0, 1), got {significance}")
     if candidate.n != live.n:
         raise ValueError(f"candidate and live were scored on different images: n={candidate.n} vs n={live.n}")
     olds = list(live.classes) if old_classes is None else [str(c) for c in old_classes]
@@ -220,10 +260,20 @@ def compare(
         live_acc = ref.accuracy if ref is not None and ref.accuracy is not None else 0.0
         drop = live_acc - cand.accuracy
         if drop > tolerance + eps:
-            reasons.append(
+            what = (
                 f"class '{name}': accuracy {_points(live_acc)}% -> {_points(cand.accuracy)}% "
-                f"(-{_points(drop)} points > tolerance {_points(tolerance)}, n={support})"
+                f"(-{_points(drop)} points > tolerance {_points(tolerance)}, n={support}"
             )
+            flips = None if changes is None or significance <= 0 else changes.get(name)
+            if flips is None:
+                reasons.append(what + ")")
+            elif (p := flips.p_worse()) <= significance:
+                reasons.append(f"{what}; {flips.worse} worse, {flips.better} better: p={p:.3g} <= {significance:g})")
+            else:
+                notes.append(
+                    f"{what}; but {flips.worse} worse, {flips.better} better: p={p:.3g} > {significance:g}, "
+                    "within chance)"
+                )
     f1_drop = live.macro_f1 - candidate.macro_f1
     summary = (
         f"macro-F1 {_points(live.macro_f1)}% -> {_points(candidate.macro_f1)}%, "

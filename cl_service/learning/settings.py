@@ -101,6 +101,12 @@ class UpdateSettings(BaseModel):
     )
     gate_tolerance: float = Field(0.02, ge=0, description="Allowed drop (0.02 = 2 points) on an old class/macro-F1.")
     gate_min_support: int = Field(10, ge=1, description="Validation images an old class needs to be gated.")
+    gate_significance: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="A class's drop beyond the tolerance rejects only if a paired sign test gives p <= this (0: off).",
+    )
     cold_start_min_per_class: int = Field(5, ge=1, description="Human labels a class needs before the first model.")
     cold_start_min_classes: int = Field(2, ge=1, description="Classes with enough labels before the first model.")
     cold_start_min_accuracy: float = Field(0.5, ge=0, le=1, description="Validation accuracy the first model needs.")

@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from cl_service.learning.metrics import ClassMetrics, Metrics, compare, evaluate, stream_metrics
+from cl_service.learning.metrics import (
+    ClassMetrics,
+    Flips,
+    Metrics,
+    compare,
+    evaluate,
+    paired_changes,
+    stream_metrics,
+)
 
 CLASSES = ["good", "scratch", "pit"]
 
@@ -207,3 +215,49 @@ def test_gate_refuses_different_validation_sets() -> None:
         compare(evaluate([0, 1, 1], [0, 1, 1], CLASSES), live)
     with pytest.raises(ValueError, match="images for the candidate"):
         compare(evaluate([0, 1, 1, 1], [0, 1, 1, 1], CLASSES), live)
+
+
+def test_sign_test_p_values() -> None:
+    assert Flips(0, 0).p_worse() == 1.0
+    assert Flips(1, 0).p_worse() == pytest.approx(0.5)
+    assert Flips(5, 0).p_worse() == pytest.approx(1 / 32)
+    assert Flips(9, 2).p_worse() == pytest.approx(sum(__import__("math").comb(11, k) for k in range(9, 12)) / 2**11)
+    assert Flips(2, 9).p_worse() > 0.9
+
+
+def test_paired_changes_count_flips_per_true_class() -> None:
+    y = [0, 0, 0, 1, 1, 2]
+    live = [0, 0, 1, 1, 0, 2]
+    cand = [0, 1, 0, 1, 1, 0]
+    changes = paired_changes(y, live, cand, CLASSES)
+    assert changes == {CLASSES[0]: Flips(1, 1), CLASSES[1]: Flips(0, 1), CLASSES[2]: Flips(1, 0)}
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_changes(y, live, cand[:-1], CLASSES)
+
+
+def test_gate_with_significance_rejects_real_forgetting_and_notes_chance() -> None:
+    y = _validation()
+    live_pred = _predict(y, {0: 0.9, 1: 0.9, 2: 0.9}, 0)
+    live = evaluate(y, live_pred, CLASSES)
+    # class 1 loses 2 images net (4 points) by swapping outcomes: within chance
+    noisy_pred = live_pred.copy()
+    ones = np.flatnonzero(y == 1)
+    right = ones[live_pred[ones] == 1][:3]
+    wrong = ones[live_pred[ones] != 1][:1]
+    noisy_pred[right] = 2
+    noisy_pred[wrong] = 1
+    noisy = evaluate(y, noisy_pred, CLASSES)
+    changes = paired_changes(y, live_pred, noisy_pred, CLASSES)
+    assert changes[CLASSES[1]] == Flips(3, 1)
+    assert not compare(noisy, live, tolerance=0.02, old_classes=CLASSES).accepted  # without the test: rejected
+    decision = compare(noisy, live, tolerance=0.02, old_classes=CLASSES, changes=changes, significance=0.05)
+    assert decision.accepted, decision.reasons
+    assert any("3 worse, 1 better" in note and "within chance" in note for note in decision.notes)
+    # the damaged candidate of the test above: 10 worse, 0 better is no accident
+    damaged_pred = _predict(y, {0: 1.0, 1: 0.7, 2: 1.0}, 1)
+    damaged = evaluate(y, damaged_pred, CLASSES)
+    changes = paired_changes(y, live_pred, damaged_pred, CLASSES)
+    decision = compare(damaged, live, tolerance=0.02, changes=changes, significance=0.05)
+    assert not decision.accepted and "p=" in decision.reasons[0]
+    with pytest.raises(ValueError, match="significance"):
+        compare(live, live, significance=1.0)
