@@ -38,7 +38,7 @@ from replay_store.exemplars import ReplayBuffer
 from replay_store.files import write_atomically
 from replay_store.models import PredictionRow, as_utc, utcnow
 from replay_store.operator import newest_prediction_sample_id, newest_sample_id, samples_after, save_predictions
-from replay_store.store import Store
+from replay_store.store import SnapshotRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def fit_anomaly(
     model = repository.load_model(version)
     human = [row for row in store.snapshot().human if row.label in model.classes]
     train, validation = split_validation(human, settings.val_fraction, settings.val_max_per_class)
-    rng = random.Random(settings.seed)
-    train = rng.sample(train, min(len(train), max_train_images))
+    train = balanced_sample(train, max_train_images, random.Random(settings.seed))
     exemplar_ids = {e.sample_id for e in ReplayBuffer(store, settings.replay_budget).load()}
     exemplars = [row for row in human if row.sample_id in exemplar_ids]
     if len(train) < 8 or len(validation) < 4 or not exemplars:
@@ -111,6 +110,26 @@ def fit_anomaly(
         len(validation),
     )
     return report
+
+
+def balanced_sample(rows: Sequence[SnapshotRow], size: int, rng: random.Random) -> list[SnapshotRow]:
+    """`size` training rows with every class an equal share: a class with fewer rows has them repeated.
+
+    A class learnt in the last update has a few dozen labels beside hundreds of the old classes; drawn in
+    proportion, the autoencoder would hardly see it and keep flagging the very defect operators just labelled.
+    """
+    by_class: dict[str, list[SnapshotRow]] = {}
+    for row in rows:
+        by_class.setdefault(row.label or "", []).append(row)
+    if not by_class:
+        return []
+    share = max(1, size // len(by_class))
+    chosen: list[SnapshotRow] = []
+    for name in sorted(by_class):
+        members = by_class[name]
+        repeats, rest = divmod(share, len(members))
+        chosen += members * repeats + rng.sample(members, rest)
+    return chosen
 
 
 @dataclass

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +19,14 @@ from PIL import Image
 from cl_service.alerts import AlertBook
 from cl_service.anomaly.config import AnomalyConfig
 from cl_service.anomaly.model import AnomalyModel
-from cl_service.inspector import ANOMALY_DIR, Inspector
+from cl_service.inspector import ANOMALY_DIR, Inspector, balanced_sample
 from cl_service.learning.model import InspectionModel
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
+from replay_store.models import LabelSource
 from replay_store.operator import prediction_of
-from replay_store.store import NewSample, Store
+from replay_store.store import NewSample, SnapshotRow, Store
 from tests.conftest import add_model_version
 
 pytestmark = pytest.mark.integration
@@ -104,3 +107,13 @@ def test_unusual_images_get_scores_heatmaps_and_one_incident(tmp_path: Path, one
     again = Inspector(store, repository, books, tmp_path / "heatmaps")
     assert again.inspect_batch() == 0  # a restart resumes after the newest prediction
     store.close()
+
+
+def test_the_autoencoder_sees_every_class_equally_often() -> None:
+    rows = [SnapshotRow(i, f"h{i}", "cam", "good" if i < 300 else "pit", LabelSource.CAMERA) for i in range(320)]
+    chosen = balanced_sample(rows, 200, random.Random(0))
+    counts = Counter(row.label for row in chosen)
+    assert counts == {"good": 100, "pit": 100}
+    assert len({row.sample_id for row in chosen if row.label == "good"}) == 100  # drawn without repeats
+    assert {row.sample_id for row in chosen if row.label == "pit"} == set(range(300, 320))  # all 20, five times
+    assert balanced_sample([], 200, random.Random(0)) == []
