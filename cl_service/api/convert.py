@@ -197,8 +197,8 @@ def status(view: StatusView) -> pb.ServiceStatus:
 
 
 def prediction(classified: Classified, top_k: int) -> pb.Prediction:
-    """The top `top_k` classes (at least one) of a classification, highest first. The anomaly fields stay 0 until
-    the anomaly model exists (issue #5)."""
+    """The top `top_k` classes (at least one) of a classification, highest first. The anomaly fields stay 0: the
+    inspector scores stored images (GetSample, alerts), not Classify calls."""
     order = np.argsort(-classified.probabilities, kind="stable")[: max(1, top_k)]
     best = int(order[0])
     return pb.Prediction(
