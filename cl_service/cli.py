@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="bring the store's schema to this version")
     _settings_flags(migrate)
 
+    token = commands.add_parser("token", help="create, list or revoke API tokens (store access needed)")
+    _settings_flags(token)
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="a new token; its secret is printed once")
+    create.add_argument("name", help="a unique name, e.g. camera-line-3 or olga")
+    create.add_argument("--role", required=True, choices=("camera", "operator", "admin"))
+    create.add_argument("--by", help="who creates it, for the record (default: your user name)")
+    token_commands.add_parser("list", help="every token: name, role, created, revoked")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name (takes effect within auth_cache_s)")
+    revoke.add_argument("name")
+
     update = commands.add_parser("update", help="run one incremental update now (teacher, replay + EWC, gate)")
     _settings_flags(update)
     update.add_argument("--epochs", type=int, help="passes over the update's new data (default 4)")
@@ -235,6 +246,36 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     engine = create_store_engine(settings.resolved_database_url)
     migrate(engine)
     print(f"store schema at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from replay_store.store import Store
+    from replay_store.tokens import create_token, list_tokens, revoke_token
+
+    settings = _settings(args)
+    store = Store.open(settings.resolved_database_url, settings.blob_dir)
+    try:
+        if args.token_command == "create":
+            try:
+                row, secret = create_token(store, args.name, args.role, args.by or _user())
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"token {row.name} ({row.role}) created; its secret, shown only now:\n{secret}")
+        elif args.token_command == "list":
+            for row in list_tokens(store):
+                revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+                print(f"{row.name}\t{row.role}\tcreated {row.created_at:%Y-%m-%d %H:%M} by {row.created_by}\t{revoked}")
+        else:
+            try:
+                row = revoke_token(store, args.name)
+            except KeyError as exc:
+                print(f"error: {exc.args[0]}", file=sys.stderr)
+                return 2
+            print(f"token {row.name} revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+    finally:
+        store.close()
     return 0
 
 
@@ -444,6 +485,7 @@ _COMMANDS = {
     "status": cmd_status,
     "models": cmd_models,
     "migrate": cmd_migrate,
+    "token": cmd_token,
     "check-store": cmd_check_store,
     "update": cmd_update,
     "run-update": cmd_run_update,

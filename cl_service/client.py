@@ -10,6 +10,7 @@ ALREADY_STORED and the original sample id, so nothing is stored twice and nothin
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -76,15 +77,63 @@ _STATUS_NAMES = {
 }
 
 
-def channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.Channel:
-    """An insecure channel to `target` (host:port) sized for large images."""
-    return grpc.insecure_channel(
+def channel(target: str, *, token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.Channel:
+    """An insecure channel to `target` (host:port) sized for large images; with `token`, every call carries
+    `authorization: Bearer <token>` (default: the CL_SERVICE_TOKEN environment variable, when set)."""
+    chan = grpc.insecure_channel(
         target,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ],
     )
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    return grpc.intercept_channel(chan, _BearerToken(token)) if token else chan
+
+
+TOKEN_ENV = "CL_SERVICE_TOKEN"
+
+
+if TYPE_CHECKING:  # generic in the type stubs only
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
+else:
+    _UnaryUnary = grpc.UnaryUnaryClientInterceptor
+    _UnaryStream = grpc.UnaryStreamClientInterceptor
+    _StreamStream = grpc.StreamStreamClientInterceptor
+
+
+class _BearerToken(_UnaryUnary, _UnaryStream, _StreamStream):
+    """Adds the token to every call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._pair]
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
 
 
 class CameraClient:
@@ -100,6 +149,7 @@ class CameraClient:
         window_bytes: int = 64 << 20,
         max_reconnects: int = 20,
         backoff_s: tuple[float, float] = (0.1, 5.0),
+        token: str | None = None,
     ) -> None:
         if window < 1 or window_bytes < 1:
             raise ValueError("window and window_bytes must be at least 1")
@@ -109,6 +159,7 @@ class CameraClient:
         self.window_bytes = window_bytes
         self.max_reconnects = max_reconnects
         self.backoff_s = backoff_s
+        self.token = token
         self.reconnects = 0
 
     def stream(self, images: Iterable[CameraImage]) -> Iterator[IngestResult]:
@@ -116,7 +167,7 @@ class CameraClient:
         state = _StreamState(iter(images), self.camera_id, self.window, self.window_bytes)
         failures = 0
         while not state.finished():
-            with channel(self.target) as chan:
+            with channel(self.target, token=self.token) as chan:
                 stub = pb_grpc.InspectionServiceStub(chan)
                 attempt = state.new_attempt()
                 try:
@@ -252,8 +303,8 @@ def _to_request(image: CameraImage, camera_id: str) -> pb.IngestRequest:
 class Client:
     """Unary calls for operators and admins (status, samples, health)."""
 
-    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
-        self._channel = channel(target)
+    def __init__(self, target: str, *, timeout_s: float = 30.0, token: str | None = None) -> None:
+        self._channel = channel(target, token=token)
         self.stub = pb_grpc.InspectionServiceStub(self._channel)
         self.timeout_s = timeout_s
 

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("cl-data"), description="Folder of the embedded store (SQLite file and blob segments).")
     database_url: str = Field("", description="SQLAlchemy URL of the metadata store; empty: SQLite in data_dir.")
     bind: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on (loopback by default).")
+    auth: bool = Field(
+        False,
+        description="Require a bearer token with a role on every call (cl-service token create); off: loopback only.",
+    )
+    auth_cache_s: float = Field(5.0, ge=0, description="Seconds a looked-up token is remembered (revocation delay).")
     max_image_bytes: int = Field(16 * MIB, gt=0, description="Largest encoded image accepted, in bytes.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image accepted, in pixels (bomb guard).")
     max_message_bytes: int = Field(

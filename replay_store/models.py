@@ -316,3 +316,18 @@ CLASSES = _table(ClassInfo)
 LABELS = _table(Label)
 EMBEDDINGS = _table(EmbeddingRow)
 EXEMPLARS = _table(ExemplarRow)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token of the API. Only the SHA-256 of the secret is kept (the secret is shown once, when it is
+    created); a revoked token keeps its row and its name, so the log of who could do what stays readable."""
+
+    __tablename__ = "api_tokens"
+
+    id: int | None = _id_column()
+    name: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    role: str = Field(sa_column=Column(String(16), nullable=False))
+    token_sha256: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    created_by: str = Field(sa_column=Column(String(128), nullable=False))
+    created_at: datetime = _time_column()
+    revoked_at: datetime | None = _time_column(nullable=True)

@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from cl_service.api.servicer import SERVICE_NAME, InspectionServicer, generic_handler
 from cl_service.app import ServiceCore
+from cl_service.auth import Authenticator
 from cl_service.config import Settings
 from cl_service.v1 import inspection_pb2
 
 log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
 @dataclass
@@ -52,6 +54,12 @@ class RunningServer:
 
 async def start_server(settings: Settings) -> RunningServer:
     """Open the core and start serving on settings.bind; returns once the port is listening."""
+    host = settings.bind.rsplit(":", 1)[0]
+    if not settings.auth and host not in LOOPBACK:
+        raise RuntimeError(
+            f"refusing to listen on {host} without authentication: anyone who can reach it could use it. "
+            "Turn auth on (auth = true, then `cl-service token create`) or bind to 127.0.0.1"
+        )
     core = await asyncio.to_thread(ServiceCore.open, settings)
     limit = settings.transport_max_message_bytes
     server = grpc.aio.server(
@@ -61,7 +69,8 @@ async def start_server(settings: Settings) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core)),))
+    authenticator = Authenticator(core.store, cache_s=settings.auth_cache_s) if settings.auth else None
+    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core), authenticator),))
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -86,10 +95,9 @@ async def start_server(settings: Settings) -> RunningServer:
         await core.inspector.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    host = settings.bind.rsplit(":", 1)[0]
     log.info("cl-service listening on %s:%d (store: %s)", host, port, core.store.backend)
-    if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
-        log.warning("listening on %s without authentication or TLS: anyone who can reach it can use it", host)
+    if not settings.auth:
+        log.warning("authentication is off: listening on loopback only (auth = true to serve a network)")
     return RunningServer(server, core, health_servicer, port)
 
 

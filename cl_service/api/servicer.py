@@ -20,6 +20,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from cl_service.alerts import alert_snapshot, parse_cursor
 from cl_service.api import convert
 from cl_service.app import ModelView, ServiceCore
+from cl_service.auth import Authenticator
 from cl_service.errors import ErrorCode, ServiceError, invalid
 from cl_service.ingest.images import decode_checked, decode_image
 from cl_service.ingest.service import IngestOutcome, IngestStatus
@@ -343,9 +344,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError)
     await context.abort(grpc.StatusCode[exc.code.name], f"{exc.reason}: {exc.message}")
 
 
-def _unary(method: Callable[[Any, Any], Awaitable[Message]]) -> Callable[[Any, Any], Awaitable[Message]]:
+def _unary(method: Callable[[Any, Any], Awaitable[Message]], guard: Guard) -> Callable[[Any, Any], Awaitable[Message]]:
     async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         try:
+            await guard(context)
             if isinstance(request, Malformed):
                 raise request.error()
             return await method(request, context)
@@ -360,12 +362,13 @@ def _unary(method: Callable[[Any, Any], Awaitable[Message]]) -> Callable[[Any, A
 
 
 def _server_streaming(
-    method: Callable[[Any, Any], AsyncIterator[Message]],
+    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard
 ) -> Callable[[Any, Any], AsyncIterator[Message]]:
     async def handle(
         request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
         try:
+            await guard(context)
             if isinstance(request, Malformed):
                 raise request.error()
             async for item in method(request, context):
@@ -376,25 +379,53 @@ def _server_streaming(
     return handle
 
 
-def generic_handler(servicer: InspectionServicer) -> grpc.GenericRpcHandler[Any, Any]:
-    """The method handlers of InspectionService, with never-raising deserializers."""
+def generic_handler(
+    servicer: InspectionServicer, authenticator: Authenticator | None = None
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """The method handlers of InspectionService, with never-raising deserializers; with an authenticator, every
+    call's token and role are checked before the method runs."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Ingest": grpc.stream_stream_rpc_method_handler(
-            servicer.Ingest,
+            _guarded_stream(servicer.Ingest, _guard(authenticator, "Ingest")),
             request_deserializer=safe_parser(pb.IngestRequest),
             response_serializer=pb.IngestReply.SerializeToString,
         )
     }
     for name, request_type in _UNARY.items():
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name)),
+            _unary(getattr(servicer, name), _guard(authenticator, name)),
             request_deserializer=safe_parser(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
     for name, request_type in _SERVER_STREAMING.items():
         handlers[name] = grpc.unary_stream_rpc_method_handler(
-            _server_streaming(getattr(servicer, name)),
+            _server_streaming(getattr(servicer, name), _guard(authenticator, name)),
             request_deserializer=safe_parser(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
+def _guard(authenticator: Authenticator | None, method: str) -> Guard:
+    async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if authenticator is not None:
+            await authenticator.check(method, context.invocation_metadata())
+
+    return check
+
+
+def _guarded_stream(
+    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard
+) -> Callable[[Any, Any], AsyncIterator[Message]]:
+    async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+        try:
+            await guard(context)
+        except ServiceError as exc:
+            await _abort(context, exc)
+        async for item in method(requests, context):
+            yield item
+
+    return handle
