@@ -77,16 +77,41 @@ _STATUS_NAMES = {
 }
 
 
-def channel(target: str, *, token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> grpc.Channel:
-    """An insecure channel to `target` (host:port) sized for large images; with `token`, every call carries
-    `authorization: Bearer <token>` (default: the CL_SERVICE_TOKEN environment variable, when set)."""
-    chan = grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ],
-    )
+@dataclass(frozen=True)
+class Tls:
+    """What a client needs for TLS: the CA that signed the server's certificate, and for mutual TLS its own
+    certificate chain and key (PEM bytes)."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, ca: str | os.PathLike[str], cert: str | os.PathLike[str] | None = None,
+                   key: str | os.PathLike[str] | None = None) -> Tls:  # fmt: skip
+        def read(path: str | os.PathLike[str] | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        return cls(read(ca) or b"", read(cert), read(key))
+
+
+def channel(
+    target: str, *, token: str | None = None, tls: Tls | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE
+) -> grpc.Channel:
+    """A channel to `target` (host:port) sized for large images: plaintext, or TLS with `tls`. With `token`, every
+    call carries `authorization: Bearer <token>` (default: the CL_SERVICE_TOKEN environment variable, when set)."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if tls is None:
+        chan = grpc.insecure_channel(target, options=options)
+    else:
+        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        chan = grpc.secure_channel(target, credentials, options=options)
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     return grpc.intercept_channel(chan, _BearerToken(token)) if token else chan
 
@@ -150,6 +175,7 @@ class CameraClient:
         max_reconnects: int = 20,
         backoff_s: tuple[float, float] = (0.1, 5.0),
         token: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         if window < 1 or window_bytes < 1:
             raise ValueError("window and window_bytes must be at least 1")
@@ -160,6 +186,7 @@ class CameraClient:
         self.max_reconnects = max_reconnects
         self.backoff_s = backoff_s
         self.token = token
+        self.tls = tls
         self.reconnects = 0
 
     def stream(self, images: Iterable[CameraImage]) -> Iterator[IngestResult]:
@@ -167,7 +194,7 @@ class CameraClient:
         state = _StreamState(iter(images), self.camera_id, self.window, self.window_bytes)
         failures = 0
         while not state.finished():
-            with channel(self.target, token=self.token) as chan:
+            with channel(self.target, token=self.token, tls=self.tls) as chan:
                 stub = pb_grpc.InspectionServiceStub(chan)
                 attempt = state.new_attempt()
                 try:
@@ -303,8 +330,10 @@ def _to_request(image: CameraImage, camera_id: str) -> pb.IngestRequest:
 class Client:
     """Unary calls for operators and admins (status, samples, health)."""
 
-    def __init__(self, target: str, *, timeout_s: float = 30.0, token: str | None = None) -> None:
-        self._channel = channel(target, token=token)
+    def __init__(
+        self, target: str, *, timeout_s: float = 30.0, token: str | None = None, tls: Tls | None = None
+    ) -> None:
+        self._channel = channel(target, token=token, tls=tls)
         self.stub = pb_grpc.InspectionServiceStub(self._channel)
         self.timeout_s = timeout_s
 

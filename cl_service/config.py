@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         description="Require a bearer token with a role on every call (cl-service token create); off: loopback only.",
     )
     auth_cache_s: float = Field(5.0, ge=0, description="Seconds a looked-up token is remembered (revocation delay).")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain of the server: serve TLS (with tls_key).")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mutual TLS; needs tls_cert)."
+    )
     max_image_bytes: int = Field(16 * MIB, gt=0, description="Largest encoded image accepted, in bytes.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image accepted, in pixels (bomb guard).")
     max_message_bytes: int = Field(

@@ -82,8 +82,12 @@ async def start_server(settings: Settings) -> RunningServer:
         server,
     )
     try:
-        port = server.add_insecure_port(settings.bind)
-    except RuntimeError as exc:
+        credentials = server_credentials(settings)
+        if credentials is None:
+            port = server.add_insecure_port(settings.bind)
+        else:
+            port = server.add_secure_port(settings.bind, credentials)
+    except (RuntimeError, ValueError) as exc:
         await asyncio.to_thread(core.close)
         raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
     await server.start()
@@ -98,7 +102,35 @@ async def start_server(settings: Settings) -> RunningServer:
     log.info("cl-service listening on %s:%d (store: %s)", host, port, core.store.backend)
     if not settings.auth:
         log.warning("authentication is off: listening on loopback only (auth = true to serve a network)")
+    elif credentials is None and host not in LOOPBACK:
+        log.warning("TLS is off: tokens and images cross the network in clear text (set tls_cert and tls_key)")
     return RunningServer(server, core, health_servicer, port)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS with tls_client_ca); None: plaintext."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    files = {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
+    if settings.tls_client_ca is not None:
+        files["tls_client_ca"] = settings.tls_client_ca
+    pem: dict[str, bytes] = {}
+    for name, path in files.items():
+        try:
+            pem[name] = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name} {path} cannot be read: {exc.strerror}") from exc
+        if b"-----BEGIN" not in pem[name]:
+            raise ValueError(f"{name} {path} is not a PEM file")
+    return grpc.ssl_server_credentials(
+        [(pem["tls_key"], pem["tls_cert"])],
+        root_certificates=pem.get("tls_client_ca"),
+        require_client_auth="tls_client_ca" in pem,
+    )
 
 
 async def serve_forever(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
