@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle: require client certificates signed by it (mutual TLS; needs tls_cert)."
     )
     max_image_bytes: int = Field(16 * MIB, gt=0, description="Largest encoded image accepted, in bytes.")
+    min_free_disk_bytes: int = Field(
+        1024 * MIB,
+        ge=0,
+        description="Refuse new images while the store's disk has less free space than this (0: no guard).",
+    )
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest image accepted, in pixels (bomb guard).")
     max_message_bytes: int = Field(
         0, ge=0, description="gRPC transport limit per message; 0: twice max_image_bytes plus 1 MiB."

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from cl_service.config import Settings
+from cl_service.config import MIB, Settings
 from cl_service.errors import ErrorCode, ServiceError, invalid
 from cl_service.ingest.images import ImageInfo, inspect_image
 from replay_store.committer import CommitterClosedError, GroupCommitter
@@ -76,6 +80,7 @@ class IngestService:
         threads = settings.decode_threads or max(2, os.cpu_count() or 2)
         self._decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._allowed = frozenset(settings.allowed_classes)
+        self._disk = DiskGuard(settings.blob_dir, settings.min_free_disk_bytes)
         self._mailbox: _Mailbox | None = None
         self.accepted = 0
         self.rejected = 0
@@ -105,6 +110,7 @@ class IngestService:
         """Validate and durably store one image. Never raises for bad input: it is a REJECTED outcome."""
         try:
             self.check_request(item)
+            self._disk.reserve(len(item.image))
             waiter = self._mailbox_of(asyncio.get_running_loop()).waiter()
             self._decoder.submit(self._inspect_and_store, item, waiter)
             info, stored = await waiter.future
@@ -179,6 +185,48 @@ def _check_metadata(metadata: dict[str, str]) -> None:
             raise invalid("METADATA_INVALID", f"metadata value of {key!r} is over {MAX_METADATA_VALUE} characters")
         if "\x00" in key or "\x00" in value:
             raise invalid("METADATA_INVALID", f"metadata entry {key[:64]!r} holds a NUL character")
+
+
+class DiskGuard:
+    """Refuses an image before it is written when the store's disk would drop below `min_free` bytes.
+
+    The free space is measured at most every `every_s` seconds; in between, the bytes let through are counted
+    against it, so a burst cannot run past the guard. Refusing early keeps the store whole: a write that fails
+    half-way on a full disk is what the guard exists to avoid (the blob store would survive it, but SQLite's
+    journal and the segment file should never have to).
+    """
+
+    def __init__(self, folder: Path, min_free: int, *, every_s: float = 0.5) -> None:
+        self.folder = folder
+        self.min_free = min_free
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._measured_at = -math.inf
+        self._free = 0
+
+    def reserve(self, size: int) -> None:
+        if self.min_free <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now - self._measured_at >= self.every_s:
+                self._free = shutil.disk_usage(_existing(self.folder)).free
+                self._measured_at = now
+            if self._free - size < self.min_free:
+                raise ServiceError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    "DISK_LOW",
+                    f"the store's disk has {self._free // MIB} MiB free, under the {self.min_free // MIB} MiB guard "
+                    "(min_free_disk_bytes); the image was not stored. Free space on the data folder's disk",
+                )
+            self._free -= size
+
+
+def _existing(folder: Path) -> Path:
+    """The folder, or its nearest existing parent (the blob folder is made on first write)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
 
 
 def _storage_error(exc: OSError) -> ServiceError:
