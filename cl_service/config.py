@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         False,
         description="Require a bearer token with a role on every call (cl-service token create); off: loopback only.",
     )
+    metrics_bind: str = Field(
+        "", description="host:port of the Prometheus /metrics endpoint (no authentication); empty: off."
+    )
     auth_cache_s: float = Field(5.0, ge=0, description="Seconds a looked-up token is remembered (revocation delay).")
     tls_cert: Path | None = Field(None, description="PEM certificate chain of the server: serve TLS (with tls_key).")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")

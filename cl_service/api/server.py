@@ -24,6 +24,7 @@ from cl_service.api.servicer import SERVICE_NAME, InspectionServicer, generic_ha
 from cl_service.app import ServiceCore
 from cl_service.auth import Authenticator
 from cl_service.config import Settings
+from cl_service.metrics import ServiceMetrics, start_endpoint
 from cl_service.v1 import inspection_pb2
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,18 @@ class RunningServer:
     core: ServiceCore
     health: Any  # grpc_health's asyncio HealthServicer (an untyped package)
     port: int
+    metrics_endpoint: Any = None  # the /metrics HTTP server, when metrics_bind is set
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_endpoint is None else int(self.metrics_endpoint.server_port)
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.core.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.shutdown)
         if self.core.settings.scheduler:
             await self.core.updates.stop()
         if self.core.settings.inspect:
@@ -70,7 +78,8 @@ async def start_server(settings: Settings) -> RunningServer:
         ]
     )
     authenticator = Authenticator(core.store, cache_s=settings.auth_cache_s) if settings.auth else None
-    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core), authenticator),))
+    metrics = ServiceMetrics(core)
+    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core, metrics), authenticator),))
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -91,6 +100,15 @@ async def start_server(settings: Settings) -> RunningServer:
         await asyncio.to_thread(core.close)
         raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
     await server.start()
+    endpoint = None
+    if settings.metrics_bind:
+        try:
+            endpoint = start_endpoint(metrics, settings.metrics_bind)
+        except (OSError, ValueError) as exc:
+            await server.stop(0)
+            await asyncio.to_thread(core.close)
+            raise RuntimeError(f"cannot serve metrics on {settings.metrics_bind}: {exc}") from exc
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, endpoint.server_port)
     core.alerts.bind(asyncio.get_running_loop())
     await core.live.start()
     if settings.scheduler:
@@ -104,7 +122,7 @@ async def start_server(settings: Settings) -> RunningServer:
         log.warning("authentication is off: listening on loopback only (auth = true to serve a network)")
     elif credentials is None and host not in LOOPBACK:
         log.warning("TLS is off: tokens and images cross the network in clear text (set tls_cert and tls_key)")
-    return RunningServer(server, core, health_servicer, port)
+    return RunningServer(server, core, health_servicer, port, endpoint)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from cl_service.auth import Authenticator
 from cl_service.errors import ErrorCode, ServiceError, invalid
 from cl_service.ingest.images import decode_checked, decode_image
 from cl_service.ingest.service import IngestOutcome, IngestStatus
+from cl_service.metrics import ServiceMetrics
 from cl_service.operator import CorrectionRequest, review_queue, submit_corrections
 from cl_service.scheduler import TRIGGER_MANUAL
 from cl_service.serving.batcher import QueueFullError
@@ -97,8 +99,9 @@ class _Budget:
 class InspectionServicer:
     """Implements cl_service.v1.InspectionService on a ServiceCore."""
 
-    def __init__(self, core: ServiceCore) -> None:
+    def __init__(self, core: ServiceCore, metrics: ServiceMetrics | None = None) -> None:
         self.core = core
+        self.metrics = metrics
         self._budget = _Budget(core.settings.ingest_max_in_flight_bytes)
 
     # ------------------------------------------------------------------------------------- Ingest
@@ -161,6 +164,8 @@ class InspectionServicer:
         held = await self._budget.acquire(len(request.image))
         try:
             outcome = await self.core.ingest.ingest(convert.ingest_item(request))
+            if self.metrics is not None:
+                self.metrics.observe_ingest(outcome.status.value, len(request.image))
             warnings = unknown_field_warnings(request)
             prediction = None
             if outcome.status is not IngestStatus.REJECTED and self.core.live.slot.version is not None:
@@ -344,29 +349,41 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ServiceError)
     await context.abort(grpc.StatusCode[exc.code.name], f"{exc.reason}: {exc.message}")
 
 
-def _unary(method: Callable[[Any, Any], Awaitable[Message]], guard: Guard) -> Callable[[Any, Any], Awaitable[Message]]:
+def _unary(
+    method: Callable[[Any, Any], Awaitable[Message]], guard: Guard, timer: Timer
+) -> Callable[[Any, Any], Awaitable[Message]]:
     async def handle(request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        timing = timer()
         try:
             await guard(context)
             if isinstance(request, Malformed):
                 raise request.error()
             return await method(request, context)
         except ServiceError as exc:
+            timing.failed(exc)
             await _abort(context, exc)
+        except asyncio.CancelledError:
+            timing.code = "CANCELLED"
+            raise
         except Exception as exc:
             log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
-            await _abort(context, ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}"))
+            error = ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}")
+            timing.failed(error)
+            await _abort(context, error)
+        finally:
+            timing.done()
         raise AssertionError("unreachable: abort raises")
 
     return handle
 
 
 def _server_streaming(
-    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard
+    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard, timer: Timer
 ) -> Callable[[Any, Any], AsyncIterator[Message]]:
     async def handle(
         request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
+        timing = timer()
         try:
             await guard(context)
             if isinstance(request, Malformed):
@@ -374,7 +391,13 @@ def _server_streaming(
             async for item in method(request, context):
                 yield item
         except ServiceError as exc:
+            timing.failed(exc)
             await _abort(context, exc)
+        except asyncio.CancelledError:
+            timing.code = "CANCELLED"
+            raise
+        finally:
+            timing.done()
 
     return handle
 
@@ -384,22 +407,23 @@ def generic_handler(
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """The method handlers of InspectionService, with never-raising deserializers; with an authenticator, every
     call's token and role are checked before the method runs."""
+    observe = servicer.metrics.observe_rpc if servicer.metrics is not None else _ignore
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Ingest": grpc.stream_stream_rpc_method_handler(
-            _guarded_stream(servicer.Ingest, _guard(authenticator, "Ingest")),
+            _guarded_stream(servicer.Ingest, _guard(authenticator, "Ingest"), _timed("Ingest", observe)),
             request_deserializer=safe_parser(pb.IngestRequest),
             response_serializer=pb.IngestReply.SerializeToString,
         )
     }
     for name, request_type in _UNARY.items():
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name), _guard(authenticator, name)),
+            _unary(getattr(servicer, name), _guard(authenticator, name), _timed(name, observe)),
             request_deserializer=safe_parser(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
     for name, request_type in _SERVER_STREAMING.items():
         handlers[name] = grpc.unary_stream_rpc_method_handler(
-            _server_streaming(getattr(servicer, name), _guard(authenticator, name)),
+            _server_streaming(getattr(servicer, name), _guard(authenticator, name), _timed(name, observe)),
             request_deserializer=safe_parser(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
@@ -407,6 +431,30 @@ def generic_handler(
 
 
 Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+Timer = Callable[[], "_Timing"]
+
+
+def _ignore(method: str, code: str, seconds: float) -> None:
+    pass
+
+
+class _Timing:
+    """Measures one call from its start; `code` is set where the call ends (OK unless an error is seen)."""
+
+    def __init__(self, method: str, observe: Callable[[str, str, float], None]) -> None:
+        self.method, self.observe = method, observe
+        self.code = "OK"
+        self.started = time.perf_counter()
+
+    def failed(self, exc: ServiceError) -> None:
+        self.code = exc.code.name
+
+    def done(self) -> None:
+        self.observe(self.method, self.code, time.perf_counter() - self.started)
+
+
+def _timed(method: str, observe: Callable[[str, str, float], None]) -> Timer:
+    return lambda: _Timing(method, observe)
 
 
 def _guard(authenticator: Authenticator | None, method: str) -> Guard:
@@ -418,14 +466,22 @@ def _guard(authenticator: Authenticator | None, method: str) -> Guard:
 
 
 def _guarded_stream(
-    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard
+    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard, timer: Timer
 ) -> Callable[[Any, Any], AsyncIterator[Message]]:
     async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
+        timing = timer()
         try:
-            await guard(context)
-        except ServiceError as exc:
-            await _abort(context, exc)
-        async for item in method(requests, context):
-            yield item
+            try:
+                await guard(context)
+            except ServiceError as exc:
+                timing.failed(exc)
+                await _abort(context, exc)
+            async for item in method(requests, context):
+                yield item
+        except asyncio.CancelledError:
+            timing.code = "CANCELLED"
+            raise
+        finally:
+            timing.done()
 
     return handle
