@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle: require client certificates signed by it (mutual TLS; needs tls_cert)."
     )
     max_image_bytes: int = Field(16 * MIB, gt=0, description="Largest encoded image accepted, in bytes.")
+    camera_max_images_per_s: float = Field(
+        0.0, ge=0, description="Per-camera Ingest rate; a faster camera is slowed down (bursts of 2 s). 0: no limit."
+    )
     min_free_disk_bytes: int = Field(
         1024 * MIB,
         ge=0,

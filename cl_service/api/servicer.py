@@ -24,6 +24,7 @@ from cl_service.app import ModelView, ServiceCore
 from cl_service.auth import Authenticator
 from cl_service.errors import ErrorCode, ServiceError, invalid
 from cl_service.ingest.images import decode_checked, decode_image
+from cl_service.ingest.ratelimit import CameraRates
 from cl_service.ingest.service import IngestOutcome, IngestStatus
 from cl_service.metrics import ServiceMetrics
 from cl_service.operator import CorrectionRequest, review_queue, submit_corrections
@@ -103,6 +104,7 @@ class InspectionServicer:
         self.core = core
         self.metrics = metrics
         self._budget = _Budget(core.settings.ingest_max_in_flight_bytes)
+        self._rates = CameraRates(core.settings.camera_max_images_per_s)
 
     # ------------------------------------------------------------------------------------- Ingest
 
@@ -139,6 +141,8 @@ class InspectionServicer:
         try:
             async for request in requests:
                 await window.acquire()
+                if not isinstance(request, Malformed) and not identifier_problem("camera_id", request.camera_id):
+                    await self._rates.wait(request.camera_id)
                 sequence += 1
                 task = asyncio.create_task(self._answer(sequence, request, replies))
                 pending.add(task)
