@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cl_service.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
