@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The benchmarks (bench/ also holds their shared modules).
-BENCHES := bench/ingest.py bench/stream_eval.py bench/inference.py bench/unknown_defect.py
+BENCHES := bench/ingest.py bench/stream_eval.py bench/inference.py bench/unknown_defect.py bench/soak.py
 
 .PHONY: run test check lint proto bench clean
 

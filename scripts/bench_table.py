@@ -171,11 +171,26 @@ def unknown_defect(r: dict[str, Any]) -> str:
     return markdown_table(header, rows) + note
 
 
+def soak(r: dict[str, Any]) -> str:
+    rows = [
+        [f"camera images ({r['cameras']} streams, {r['camera_rate_per_s']:.0f}/s each)", f"{r['images']:,}",
+         f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"],
+        ["operator calls", f"{r['operator_requests']:,}", f"{r['operator_p50_ms']:.1f}", f"{r['operator_p99_ms']:.1f}"],
+    ]  # fmt: skip
+    note = (
+        f"\n\n{r['seconds'] / 60:.0f} minutes, {r['requests']:,} requests, {r['errors']} errors. Server RSS "
+        f"{r['rss_after_warmup_mb']:.0f} MB after warm-up, at most {r['rss_max_mb']:.0f} MB: growth ratio "
+        f"{r['rss_growth_ratio']:.3f} (goal at most 1.10). {r['machine_cpus']} CPUs shared by server and clients."
+    )
+    return markdown_table(["traffic", "requests", "p50 ms", "p99 ms"], rows) + note
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "ingest": ingest,
     "stream_eval": stream_eval,
     "inference": inference,
     "unknown_defect": unknown_defect,
+    "soak": soak,
 }
 
 

@@ -381,7 +381,7 @@ def _unary(
     return handle
 
 
-def _server_streaming(
+def _streaming(
     method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard, timer: Timer
 ) -> Callable[[Any, Any], AsyncIterator[Message]]:
     async def handle(
@@ -414,7 +414,7 @@ def generic_handler(
     observe = servicer.metrics.observe_rpc if servicer.metrics is not None else _ignore
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Ingest": grpc.stream_stream_rpc_method_handler(
-            _guarded_stream(servicer.Ingest, _guard(authenticator, "Ingest"), _timed("Ingest", observe)),
+            _streaming(servicer.Ingest, _guard(authenticator, "Ingest"), _timed("Ingest", observe)),
             request_deserializer=safe_parser(pb.IngestRequest),
             response_serializer=pb.IngestReply.SerializeToString,
         )
@@ -427,7 +427,7 @@ def generic_handler(
         )
     for name, request_type in _SERVER_STREAMING.items():
         handlers[name] = grpc.unary_stream_rpc_method_handler(
-            _server_streaming(getattr(servicer, name), _guard(authenticator, name), _timed(name, observe)),
+            _streaming(getattr(servicer, name), _guard(authenticator, name), _timed(name, observe)),
             request_deserializer=safe_parser(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
@@ -467,25 +467,3 @@ def _guard(authenticator: Authenticator | None, method: str) -> Guard:
             await authenticator.check(method, context.invocation_metadata())
 
     return check
-
-
-def _guarded_stream(
-    method: Callable[[Any, Any], AsyncIterator[Message]], guard: Guard, timer: Timer
-) -> Callable[[Any, Any], AsyncIterator[Message]]:
-    async def handle(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Message]:
-        timing = timer()
-        try:
-            try:
-                await guard(context)
-            except ServiceError as exc:
-                timing.failed(exc)
-                await _abort(context, exc)
-            async for item in method(requests, context):
-                yield item
-        except asyncio.CancelledError:
-            timing.code = "CANCELLED"
-            raise
-        finally:
-            timing.done()
-
-    return handle
