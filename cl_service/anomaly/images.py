@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional name
 from PIL import Image
 from torch import Tensor
 
-from cl_service.ingest.images import decode_image, pil_array
+from cl_service.ingest.images import decode_image, pil_array, unit_values
 
 ImageLike = npt.NDArray[Any] | Tensor | Image.Image | bytes
 ImageBatch = Sequence[ImageLike] | npt.NDArray[Any] | Tensor
@@ -102,18 +102,7 @@ def _grey(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         raise ValueError(f"an image array must be HxW or HxWxC with C = 1, 3 or 4, got shape {array.shape}")
     if min(array.shape[:2]) < MIN_SIDE:
         raise ValueError(f"an image must be at least {MIN_SIDE}x{MIN_SIDE} pixels, got {array.shape[:2]}")
-    if array.dtype == np.uint8:
-        unit = array.astype(np.float32) / np.float32(255.0)
-    elif array.dtype == np.uint16:
-        unit = array.astype(np.float32) / np.float32(65535.0)
-    elif np.issubdtype(array.dtype, np.floating):
-        unit = np.asarray(array, dtype=np.float32)
-        if not np.isfinite(unit).all():
-            raise ValueError("the image holds NaN or infinite values")
-        if unit.min() < 0.0 or unit.max() > 1.0:
-            raise ValueError(f"float images must hold values in 0..1, got {unit.min():g}..{unit.max():g}")
-    else:
-        raise ValueError(f"image arrays must be uint8, uint16 or floats in 0..1, got {array.dtype}")
+    unit = unit_values(array)
     if unit.ndim == 3:
         if unit.shape[2] == 1:
             unit = unit[:, :, 0]

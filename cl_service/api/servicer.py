@@ -141,7 +141,7 @@ class InspectionServicer:
         try:
             async for request in requests:
                 await window.acquire()
-                if not isinstance(request, Malformed) and not identifier_problem("camera_id", request.camera_id):
+                if self._rates.limited and not isinstance(request, Malformed):
                     await self._rates.wait(request.camera_id)
                 sequence += 1
                 task = asyncio.create_task(self._answer(sequence, request, replies))

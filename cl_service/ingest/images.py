@@ -114,6 +114,22 @@ def pil_array(image: Image.Image) -> npt.NDArray[Any]:
     return array
 
 
+def unit_values(array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """Pixels of a uint8, uint16 or float (finite, 0..1) array as float32 in 0..1; ValueError for anything else."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / np.float32(255.0)
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / np.float32(65535.0)
+    if np.issubdtype(array.dtype, np.floating):
+        unit = np.array(array, dtype=np.float32)
+        if not np.isfinite(unit).all():
+            raise ValueError("a float image holds NaN or infinite values; it must hold finite values in 0..1")
+        if unit.size and (unit.min() < 0.0 or unit.max() > 1.0):
+            raise ValueError(f"a float image must hold finite values in 0..1, got {unit.min():g}..{unit.max():g}")
+        return unit
+    raise ValueError(f"image arrays must be uint8, uint16 or floats in 0..1, got {array.dtype}")
+
+
 def _decode_fully(image: Image.Image, width: int, height: int) -> None:
     if image.format == "JPEG":
         image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from replay_store.naming import identifier_problem
+
 MAX_CAMERAS = 10_000  # buckets kept; beyond it, full (idle) buckets are forgotten
 
 
@@ -20,9 +22,16 @@ class CameraRates:
         self.burst = max(1.0, burst if burst is not None else 2.0 * per_s)
         self._buckets: dict[str, list[float]] = {}  # camera -> [tokens, refilled at]
 
+    @property
+    def limited(self) -> bool:
+        return self.per_s > 0
+
     async def wait(self, camera_id: str) -> float:
-        """Take one image's token for `camera_id`, sleeping first when there is none; returns the wait."""
-        if self.per_s <= 0:
+        """Take one image's token for `camera_id`, sleeping first when there is none; returns the wait.
+
+        An id that is not a valid camera id is not limited here: the request is refused right after.
+        """
+        if not self.limited or identifier_problem("camera_id", camera_id):
             return 0.0
         now = time.monotonic()
         bucket = self._buckets.get(camera_id)

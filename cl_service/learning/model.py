@@ -37,7 +37,7 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from cl_service.ingest.images import decode_image, pil_array
+from cl_service.ingest.images import decode_image, pil_array, unit_values
 from cl_service.learning.settings import PRETRAINED_LITE0, PRETRAINED_NONE, ModelConfig
 from replay_store.files import write_atomically
 from replay_store.naming import class_name_problem, identifier_problem
@@ -319,17 +319,7 @@ def _unit_pixels(image: ImageInput) -> Tensor:
         array = array[:, :, :3] if array.shape[2] > 1 else array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)) or 0 in array.shape:
         raise ValueError(f"an image array must be HxW or HxWx1/3/4 and not empty, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        unit = array.astype(np.float32) / np.float32(255.0)
-    elif array.dtype == np.uint16:
-        unit = array.astype(np.float32) / np.float32(65535.0)
-    elif np.issubdtype(array.dtype, np.floating):
-        unit = np.array(array, dtype=np.float32)
-        if not np.isfinite(unit).all() or unit.min() < 0.0 or unit.max() > 1.0:
-            raise ValueError("a float image must hold finite values in 0..1")
-    else:
-        raise ValueError(f"image arrays must be uint8, uint16 or float in 0..1, got {array.dtype}")
-    pixels = torch.from_numpy(unit)
+    pixels = torch.from_numpy(unit_values(array))
     return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
 
 
