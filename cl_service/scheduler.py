@@ -188,7 +188,8 @@ class UpdateScheduler:
 
     async def _keep_lease(self, run_id: int, owner: str) -> None:
         """Renew the lease (and the run's heartbeat) while the worker runs: it starts slowly (importing torch) and
-        beats on its own once going; should this process die, the worker's beats still hold the lease."""
+        beats on its own once going; should this process die, the worker stops too (update_job._exit_with_parent)
+        and the lease runs out."""
         ttl = self.settings.update_lease_s
         while True:
             with contextlib.suppress(Exception):

@@ -4,12 +4,14 @@ Training runs outside the serving process so that it never competes with request
 the CPU as little as possible). The worker holds the `update` lease its parent took, renews it with the run's
 heartbeat and progress (stage, step, loss, ETA), runs the learning loop, builds and checks the accepted
 candidate's engine, applies retention, and ends the run. A crash anywhere before the loop records the version
-leaves the live model as it was; the heartbeat stops and the run is marked failed.
+leaves the live model as it was; the heartbeat stops and the run is marked failed. The worker also stops when the server
+that started it dies: its successor then reaps the run the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +112,21 @@ def update_and_publish(
     return Updated(result, notes[0] if notes else "", anomaly_note, pruned)
 
 
+ORPHANED_EXIT = 3  # the worker's exit code when it stops because its server died
+PARENT_CHECK_S = 0.5
+
+
+def _exit_with_parent(parent: int, run_id: int, stop: threading.Event) -> None:
+    """Stop the worker at once when the server that started it dies (SIGKILL, OOM kill, a crash): nobody reads its
+    output or waits for it any more, and it must not train on unseen and make a candidate live behind the back of the
+    server that replaces it. Its heartbeat stops with it, so that server reaps the run (failed, live model as it was).
+    """
+    while not stop.wait(PARENT_CHECK_S):
+        if os.getppid() != parent:
+            log.error("update run %d: the server that started it (pid %d) is gone; stopping the worker", run_id, parent)
+            os._exit(ORPHANED_EXIT)
+
+
 def run_job(settings: Settings, run_id: int, owner: str) -> int:
     """Run update run `run_id` (claimed by `owner`, who holds the lease) to its end; 0 unless it failed."""
     if settings.update.threads:  # this process only trains: the whole update (anomaly model included) uses them
@@ -128,6 +145,8 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
 
     heart = threading.Thread(target=beat, name="update-heartbeat", daemon=True)
     heart.start()
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent, run_id, stop), name="parent-watch", daemon=True).start()
     try:
         repository = ModelRepository(settings.data_dir / "models", store)
         update_settings = UpdateSettings.model_validate(settings.update.model_dump())

@@ -84,10 +84,26 @@ class BlobStore:
                 chunks.append(data)
                 locations.append(BlobLocation(sha, self._segment, offset + HEADER.size, len(data)))
                 offset += HEADER.size + len(data)
-            _write_all(self._fd, chunks)
-            os.fdatasync(self._fd)
+            try:
+                _write_all(self._fd, chunks)
+                os.fdatasync(self._fd)
+            except BaseException:
+                self._drop_failed_tail()
+                raise
             self._size = offset
             return locations
+
+    def _drop_failed_tail(self) -> None:
+        """After a failed append (a full disk, an I/O error) the segment may hold part of the batch beyond the last
+        good end. The next append's offsets are computed from that end, so cut the segment back to it; if even that
+        fails, stop appending to this segment (the next append opens a new one). Either way no later blob is
+        recorded at an offset other than where its bytes are."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
 
     def read(self, location: BlobLocation, *, verify: bool = False) -> bytes:
         """Read a blob's bytes; with `verify`, check its header and hash (BlobCorruptError if wrong)."""

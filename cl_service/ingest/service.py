@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -123,6 +124,9 @@ class IngestService:
             log.error("storing an image failed: %s", exc)
             return IngestOutcome.rejected(_storage_error(exc))
         except Exception as exc:
+            if _database_disk_full(exc):
+                log.error("storing an image failed: %s", exc)
+                return IngestOutcome.rejected(_storage_error(OSError(errno.ENOSPC, str(exc))))
             log.exception("storing an image failed")
             return IngestOutcome.rejected(
                 ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")
@@ -229,9 +233,16 @@ def _existing(folder: Path) -> Path:
     return folder
 
 
-def _storage_error(exc: OSError) -> ServiceError:
-    import errno
+def _database_disk_full(exc: BaseException) -> bool:
+    """A database error that means its disk is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    original = getattr(exc, "orig", None)
+    return getattr(original, "sqlite_errorcode", None) == SQLITE_FULL or getattr(original, "sqlstate", None) == "53100"
 
+
+SQLITE_FULL = 13
+
+
+def _storage_error(exc: OSError) -> ServiceError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ServiceError(
             ErrorCode.RESOURCE_EXHAUSTED, "STORE_FULL", "the store's disk is full; the image was not stored"

@@ -100,28 +100,39 @@ class LiveModels:
         if not requested_by.strip():
             raise ServiceError(ErrorCode.INVALID_ARGUMENT, "REQUESTED_BY_MISSING", "say who asks (requested_by)")
         await asyncio.to_thread(self.check_activatable, version)
+        # Shielded: when the caller gives up (its deadline passes, it cancels), the build goes on in its worker thread
+        # anyway, and the publication must keep the lock until it has ended, or a retry builds the same version's
+        # files beside it (the ONNX exporter is not re-entrant: a retry failed with MODEL_ENGINE_FAILED). The
+        # activation then completes or fails on its own; the store and this server agree either way.
+        publication = asyncio.ensure_future(self._activate_locked(version, requested_by, reason))
+        try:
+            await asyncio.shield(publication)
+        except asyncio.CancelledError:
+            publication.add_done_callback(_log_abandoned_failure)
+            raise
+        row = await asyncio.to_thread(self.repository.get, version)
+        assert row is not None  # checked above; rows are never deleted
+        return row
+
+    async def _activate_locked(self, version: str, requested_by: str, reason: str) -> None:
         async with self._publishing:
             live = await asyncio.to_thread(self.repository.live)
             if self.slot.version == version:
                 if live is None or live.version != version:  # serving already; the store learns it now
                     await asyncio.to_thread(self.repository.set_live, version, requested_by=requested_by, reason=reason)
-            else:
-                try:
-                    await self._publish(
-                        version,
-                        before_swap=lambda: self.repository.set_live(version, requested_by=requested_by, reason=reason),
-                    )
-                except Exception as exc:
-                    raise ServiceError(
-                        ErrorCode.FAILED_PRECONDITION,
-                        "MODEL_ENGINE_FAILED",
-                        f"{version} cannot serve on {self.engine_name}, {self.slot.version or 'nothing'} stays live: "
-                        f"{exc}",
-                    ) from exc
-                self._failed.discard(version)
-        row = await asyncio.to_thread(self.repository.get, version)
-        assert row is not None  # checked above; rows are never deleted
-        return row
+                return
+            try:
+                await self._publish(
+                    version,
+                    before_swap=lambda: self.repository.set_live(version, requested_by=requested_by, reason=reason),
+                )
+            except Exception as exc:
+                raise ServiceError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    "MODEL_ENGINE_FAILED",
+                    f"{version} cannot serve on {self.engine_name}, {self.slot.version or 'nothing'} stays live: {exc}",
+                ) from exc
+            self._failed.discard(version)
 
     def check_activatable(self, version: str) -> None:
         """Raise the ServiceError that says why `version` cannot be made live, if it cannot."""
@@ -182,3 +193,9 @@ class LiveModels:
             served.classes,
             (probabilities / probabilities.sum()).astype(np.float32),
         )
+
+
+def _log_abandoned_failure(publication: asyncio.Future[None]) -> None:
+    """An activation whose caller went away still ends: say so when it failed (nobody else hears of it)."""
+    if not publication.cancelled() and publication.exception() is not None:
+        log.warning("an activation whose caller had gone away failed: %s", publication.exception())
