@@ -19,8 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)  ## start the service on embedded defaults and stream simulated cameras into it
 	$(BIN)/cl-service demo
 
-test: $(STAMP)  ## the whole default test suite, as CI runs it
+test: $(STAMP)  ## the whole default test suite, as CI runs it: on SQLite, then on a throwaway PostgreSQL server
 	$(BIN)/python -m pytest
+	$(BIN)/python scripts/test_postgres.py
 
 check: lint test  ## lint, types and tests
 

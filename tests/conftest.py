@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import socket
 import subprocess
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 # automatic trigger would otherwise start real training beside the test. Child processes inherit this.
 os.environ["CL_SERVICE_SCHEDULER"] = "false"
 os.environ["CL_SERVICE_INSPECT"] = "false"  # likewise the inspector (scoring stored images with the live model)
+
+# Set by scripts/test_postgres.py (part of `make test`): the URL of a PostgreSQL server's maintenance database. The
+# suite then runs with a fresh database per test instead of SQLite files.
+POSTGRES_SERVER = os.environ.get("CL_TEST_POSTGRES_URL", "")
+sqlite_only = pytest.mark.skipif(bool(POSTGRES_SERVER), reason="checks SQLite specifics (the PostgreSQL run skips it)")
+_databases = itertools.count()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
@@ -112,6 +119,35 @@ def add_model_version(
         reason=reason,
         make_live=make_live,
     )
+
+
+def store_url(folder: Path) -> str:
+    """The database URL of a test's store: a SQLite file in `folder`, or the test's PostgreSQL database."""
+    return os.environ.get("CL_SERVICE_DATABASE_URL") or f"sqlite:///{folder / 'store.sqlite'}"
+
+
+@pytest.fixture(autouse=True)
+def _postgres_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """On the PostgreSQL run, a fresh database for each test, named in CL_SERVICE_DATABASE_URL: load_settings
+    reads it, and server processes started by the test inherit it."""
+    if not POSTGRES_SERVER:
+        yield
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    admin = create_engine(POSTGRES_SERVER, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+        url = make_url(POSTGRES_SERVER).set(database=name).render_as_string(hide_password=False)
+        monkeypatch.setenv("CL_SERVICE_DATABASE_URL", url)
+        yield
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture

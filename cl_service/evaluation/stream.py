@@ -96,8 +96,8 @@ def run_ours(
     matrix = AccuracyMatrix(len(stream.steps))
     seconds: list[float] = []
     details: list[dict[str, Any]] = []
-    service = load_settings(
-        data_dir=data_dir, bind="127.0.0.1:0", log_level="WARNING", update=settings, scheduler=False
+    service = load_settings(  # an evaluation keeps its own SQLite store in data_dir, whatever the environment says
+        data_dir=data_dir, database_url="", bind="127.0.0.1:0", log_level="WARNING", update=settings, scheduler=False
     )
     truth = {item.sha256: item.label for item in stream.split.train}
     with server_in_thread(service) as running:

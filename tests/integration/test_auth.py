@@ -24,6 +24,7 @@ from cl_service.v1 import inspection_pb2 as pb
 from cl_service.v1 import inspection_pb2_grpc as pb_grpc
 from replay_store.store import Store
 from replay_store.tokens import create_token, list_tokens, revoke_token
+from tests.conftest import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +123,7 @@ def test_token_commands_create_list_and_revoke(tmp_path: Path, capsys: pytest.Ca
     assert "no token named 'nope'" in cli("revoke", "nope")[2]
     code, out, _ = cli("list")
     assert code == 0 and "line-3\tcamera" in out and "revoked" in out
-    store = Store.open(f"sqlite:///{tmp_path / 'data' / 'store.sqlite'}", tmp_path / "data" / "blobs")
+    store = Store.open(store_url(tmp_path / "data"), tmp_path / "data" / "blobs")
     try:
         (row,) = list_tokens(store)
         assert row.created_by == "alice" and row.revoked_at is not None

@@ -27,7 +27,7 @@ from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_
 from replay_store.models import LabelSource
 from replay_store.operator import prediction_of
 from replay_store.store import NewSample, SnapshotRow, Store
-from tests.conftest import add_model_version
+from tests.conftest import add_model_version, store_url
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def one_thread() -> Iterator[None]:
 
 
 def test_unusual_images_get_scores_heatmaps_and_one_incident(tmp_path: Path, one_thread: None) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     repository = ModelRepository(tmp_path / "models", store)
     torch.manual_seed(0)
     model = InspectionModel(ModelConfig(image_size=32, backbone="resnet10t", pretrained="none"), ["good"])

@@ -25,7 +25,7 @@ from cl_service.learning.settings import ModelConfig
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store.models import ModelState
 from replay_store.store import Store
-from tests.conftest import add_model_version, png_bytes, wait_for_live
+from tests.conftest import add_model_version, png_bytes, store_url, wait_for_live
 
 pytestmark = pytest.mark.integration
 
@@ -241,7 +241,7 @@ def test_hot_swaps_under_load_drop_nothing(served: Served) -> None:
 
 
 def test_store_only_retention_keeps_the_live_version(tmp_path: Path) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     repository = ModelRepository(tmp_path / "models", store)
     for n in range(1, 5):
         add_model_version(repository, f"v000{n}", _model(2, n), make_live=n == 1)

@@ -20,6 +20,7 @@ from cl_service.serving.publish import ENGINES_FILE, ParityError, activate, gold
 from cl_service.serving.slot import EngineSlot
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from replay_store.store import NewSample, Store
+from tests.conftest import store_url
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ CONFIG = ModelConfig(image_size=48)
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     generator = SurfaceGenerator(SurfaceConfig(width=64, height=64, classes=CLASSES, seed=3))
     batch = []
     for image in generator.stream(0, 40):
@@ -92,6 +93,6 @@ def test_versions_go_live_after_parity_and_broken_ones_leave_the_live_engine_alo
 
 
 def test_an_empty_store_has_no_golden_batch(tmp_path: Path) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     with pytest.raises(EngineError, match="no images for a golden batch"):
         golden_images(store, CONFIG)

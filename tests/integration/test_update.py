@@ -20,6 +20,7 @@ from replay_store.models import LabelSource, PredictionRow, utcnow
 from replay_store.operator import save_predictions
 from replay_store.replay_index import ReplayIndex
 from replay_store.store import NewSample, Store
+from tests.conftest import store_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,7 +58,7 @@ def _ingest(store: Store, classes: tuple[str, ...], count: int, *, start: int, l
 
 
 def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_path: Path) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     repository = ModelRepository(tmp_path / "models", store)
 
     with pytest.raises(UpdateSkippedError, match="cold start needs"):
@@ -131,7 +132,7 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
 
 
 def test_the_gate_rejects_a_damaged_candidate_and_the_live_model_stays(tmp_path: Path) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     repository = ModelRepository(tmp_path / "models", store)
     _ingest(store, ("good", "scratch"), 60, start=0, labeled_every=1)
     assert run_update(store, repository, SETTINGS).accepted

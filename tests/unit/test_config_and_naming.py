@@ -35,7 +35,8 @@ def test_unknown_and_invalid_settings_are_refused(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.toml")
 
 
-def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CL_SERVICE_DATABASE_URL", raising=False)  # the suite's PostgreSQL run sets it
     settings = load_settings(data_dir=tmp_path)
     assert settings.resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'store.sqlite'}"
     assert settings.transport_max_message_bytes > settings.max_image_bytes

@@ -34,6 +34,7 @@ from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.serving import publish
 from replay_store.store import Store
+from tests.conftest import store_url
 
 SIZE = 64
 CLASSES = ["good", "patch", "pit", "scratch"]
@@ -161,7 +162,7 @@ def test_int8_is_refused_without_calibration_or_below_the_agreement_floor(
 def test_int8_goes_live_only_within_one_point_of_torch_on_validation_images(
     version_dir: Path, inputs: BuildInputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     repository = ModelRepository(tmp_path / "models", store)
     repository.folder("v0001").mkdir(parents=True)
     shutil.copy(version_dir / CHECKPOINT, repository.folder("v0001") / CHECKPOINT)

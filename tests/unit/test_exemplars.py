@@ -25,6 +25,7 @@ from replay_store.exemplars import (
 from replay_store.models import LABELS, SAMPLES, LabelSource, utcnow
 from replay_store.replay_index import write_embeddings
 from replay_store.store import NewSample, Store
+from tests.conftest import store_url
 
 
 def _candidates(sizes: dict[str, int], dim: int = 8, seed: int = 0) -> list[Candidate]:
@@ -157,7 +158,7 @@ def test_bad_requests_are_refused() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     yield store
     store.close()
 

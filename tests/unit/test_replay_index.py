@@ -30,6 +30,7 @@ from replay_store.replay_index import (
     write_embeddings,
 )
 from replay_store.store import NewSample, Store
+from tests.conftest import store_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -45,7 +46,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs")
+    store = Store.open(store_url(tmp_path), tmp_path / "blobs")
     yield store
     store.close()
 

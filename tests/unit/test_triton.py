@@ -15,6 +15,7 @@ from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
 from cl_service.serving.triton import write_triton_repository
 from replay_store.store import Store
+from tests.conftest import store_url
 
 CONFIG = ModelConfig(image_size=32, backbone="resnet10t", pretrained="none")
 
@@ -26,7 +27,7 @@ def _save(repository: ModelRepository, version: str, model: InspectionModel) -> 
 
 
 def test_grown_versions_share_one_triton_model_with_the_newest_labels(tmp_path: Path) -> None:
-    repository = ModelRepository(tmp_path / "models", Store.open(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "b"))
+    repository = ModelRepository(tmp_path / "models", Store.open(store_url(tmp_path), tmp_path / "b"))
     torch.manual_seed(0)
     model = InspectionModel(CONFIG, ["good", "pit"])
     _save(repository, "v0001", model)
@@ -50,7 +51,7 @@ def test_grown_versions_share_one_triton_model_with_the_newest_labels(tmp_path: 
 
 
 def test_versions_that_cannot_share_a_triton_model_are_refused(tmp_path: Path) -> None:
-    repository = ModelRepository(tmp_path / "models", Store.open(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "b"))
+    repository = ModelRepository(tmp_path / "models", Store.open(store_url(tmp_path), tmp_path / "b"))
     _save(repository, "v0001", InspectionModel(CONFIG, ["good", "pit"]))
     _save(repository, "v0002", InspectionModel(CONFIG, ["pit", "good"]))
     _save(repository, "v0003", InspectionModel(CONFIG.model_copy(update={"image_size": 48}), ["good", "pit"]))
