@@ -245,7 +245,7 @@ def parse_cursor(cursor: str) -> int | None:
     """The event id after which to resume (None: no cursor, start with the open alerts)."""
     if not cursor:
         return None
-    if not cursor.isdigit() or len(cursor) > 19:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 19:  # "¹".isdigit(), but not for int()
         raise invalid("CURSOR_INVALID", "cursor is not one this server handed out (the cursor of an AlertEvent)")
     return int(cursor)
 

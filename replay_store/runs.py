@@ -109,7 +109,9 @@ def renew(store: Store, owner: str, ttl_s: float, run_id: int, progress: dict[st
         values: dict[str, Any] = {"heartbeat_at": now}
         if progress is not None:
             values["progress"] = progress
-        session.execute(update(UpdateRun).where(col(UpdateRun.id) == run_id).values(**values))
+        running = (col(UpdateRun.id) == run_id, col(UpdateRun.state) == UpdateState.RUNNING.value)
+        # only while running: a beat that lands after `finish` must not overwrite the run's final progress
+        session.execute(update(UpdateRun).where(*running).values(**values))
         session.commit()
     return bool(held.rowcount)  # type: ignore[attr-defined]
 
