@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         default_factory=list, description="If set, camera labels must be one of these class names."
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight calls get to finish at shutdown.")
+    store_open_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="At start, how long to keep trying a database that cannot be reached (health says "
+        "NOT_SERVING meanwhile).",
+    )
+    store_check_s: float = Field(
+        5.0, ge=0, description="How often health checks that the database answers (NOT_SERVING while not); 0: never."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each.")
     engine: str = Field(

@@ -48,3 +48,12 @@ def not_implemented(capability: str, issue: str) -> ServiceError:
         "NOT_IMPLEMENTED_YET",
         f"{capability} is not built yet in this version of cl-service (planned: {issue})",
     )
+
+
+def store_unavailable(reason: str) -> ServiceError:
+    """The store's database cannot be reached (a PostgreSQL server down or restarting): nothing was changed."""
+    return ServiceError(
+        ErrorCode.UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+        f"the store's database cannot be reached ({reason}); nothing was changed, retry shortly",
+    )

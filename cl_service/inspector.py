@@ -34,6 +34,7 @@ from cl_service.learning.data import split_validation
 from cl_service.learning.model import InspectionModel, preprocess_encoded
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
+from cl_service.logs import log_failure
 from replay_store.exemplars import ReplayBuffer
 from replay_store.files import write_atomically
 from replay_store.models import PredictionRow, as_utc, utcnow
@@ -176,8 +177,8 @@ class Inspector:
         while True:
             try:
                 done = await asyncio.to_thread(self.inspect_batch)
-            except Exception:  # a bad batch or a database hiccup must not end inspection
-                log.exception("inspecting stored images failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - a bad batch or a database hiccup must not end inspection (log_failure logs it)
+                log_failure(log, "inspecting stored images failed; trying again", exc)
                 done = 0
             if not done:
                 await asyncio.sleep(self.poll_s)

@@ -37,3 +37,14 @@ def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def log_failure(logger: logging.Logger, message: str, exc: BaseException) -> None:
+    """`message` with the traceback; one line when the store's database cannot be reached (a loop that polls the
+    store says so at every turn while a PostgreSQL server restarts, and its traceback tells nothing new)."""
+    from replay_store.db import is_unreachable, short_reason
+
+    if is_unreachable(exc):
+        logger.warning("%s: the store's database cannot be reached (%s)", message, short_reason(exc))
+    else:
+        logger.error(message, exc_info=exc)

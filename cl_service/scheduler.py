@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cl_service.config import Settings
+from cl_service.logs import log_failure
 from replay_store import runs
 from replay_store.models import UpdateRun, UpdateState, utcnow
 from replay_store.operator import human_labels_since_time
@@ -132,8 +133,8 @@ class UpdateScheduler:
         while True:
             try:
                 await self.run_once()
-            except Exception:  # a database hiccup must not end the runner
-                log.exception("the update runner failed; trying again")
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the runner (log_failure logs it)
+                log_failure(log, "the update runner failed; trying again", exc)
             await asyncio.sleep(RUNNER_POLL_S)
 
     async def run_once(self) -> int | None:

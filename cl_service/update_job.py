@@ -26,6 +26,7 @@ from cl_service.inspector import fit_anomaly
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
 from cl_service.learning.update import Progress, UpdateResult, UpdateSkippedError, run_update
+from cl_service.logs import log_failure
 from cl_service.serving.publish import prebuild
 from replay_store import runs
 from replay_store.models import UpdateState
@@ -140,8 +141,8 @@ def run_job(settings: Settings, run_id: int, owner: str) -> int:
             try:
                 if not runs.renew(store, owner, settings.update_lease_s, run_id, progress.snapshot()):
                     log.error("update run %d lost its lease; another process may take over", run_id)
-            except Exception:  # a database hiccup: try again at the next beat
-                log.exception("renewing the update lease failed")
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again at the next beat (log_failure logs it)
+                log_failure(log, "renewing the update lease failed", exc)
 
     heart = threading.Thread(target=beat, name="update-heartbeat", daemon=True)
     heart.start()

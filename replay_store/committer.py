@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from replay_store.db import is_unreachable, short_reason
 from replay_store.store import NewSample, Store, StoredSample
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ class GroupCommitter:
         try:
             results = self._store.add_samples([sample for sample, _ in live])
         except Exception as exc:
-            log.exception("storing a batch of %d images failed", len(live))
+            if is_unreachable(exc):
+                log.warning("storing a batch of %d images failed: %s", len(live), short_reason(exc))
+            else:
+                log.exception("storing a batch of %d images failed", len(live))
             self.stats.failed_batches += 1
             for _, future in live:
                 future.set_exception(exc)

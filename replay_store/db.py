@@ -16,6 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -23,8 +24,10 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 def create_store_engine(url: str, *, busy_timeout_s: float = 30.0) -> Engine:
     """An engine for `url`; SQLite files get WAL, full fsync on commit, foreign keys and a busy timeout."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":  # a server that does not answer fails a connection in 10 s
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, future=True)
+        return create_engine(url, pool_pre_ping=True)
     database = parsed.database or ""
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -63,3 +66,17 @@ def current_revision(engine: Engine) -> str | None:
 
 def head_revision(engine: Engine) -> str | None:
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True for a database error that says the database cannot be used right now (its server is down or restarting,
+    the connection dropped, SQLite's file is locked or cannot be opened): a retry may succeed; not a bug."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of the driver's own message (without SQLAlchemy's statement and background link)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

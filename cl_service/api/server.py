@@ -1,7 +1,9 @@
 """The gRPC server: start-up and shutdown in one place, in order.
 
-Start: open the core (store, committer) -> register the service, health and reflection -> listen ->
-health SERVING. Stop (SIGINT/SIGTERM): health NOT_SERVING -> stop accepting and give in-flight calls
+Start: listen with health NOT_SERVING (calls are answered UNAVAILABLE STORE_NOT_OPEN) -> open the core (store,
+committer), trying a database that cannot be reached again for `store_open_timeout_s` -> the service's handlers take
+the calls -> health SERVING. While serving, health follows the database (NOT_SERVING while it cannot be reached,
+checked every `store_check_s`). Stop (SIGINT/SIGTERM): health NOT_SERVING -> stop accepting and give in-flight calls
 `shutdown_grace_s` -> close the core (queued writes are finished first) -> done.
 """
 
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cl_service.api.servicer import SERVICE_NAME, InspectionServicer, generic_handler
+from cl_service.api.servicer import SERVICE_NAME, InspectionServicer, LateHandler, generic_handler
 from cl_service.app import ServiceCore
 from cl_service.auth import Authenticator
 from cl_service.config import Settings
 from cl_service.metrics import ServiceMetrics, start_endpoint
 from cl_service.v1 import inspection_pb2
+from replay_store.db import is_unreachable, short_reason
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -40,6 +44,7 @@ class RunningServer:
     health: Any  # grpc_health's asyncio HealthServicer (an untyped package)
     port: int
     metrics_endpoint: Any = None  # the /metrics HTTP server, when metrics_bind is set
+    store_watch: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -47,6 +52,9 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.core.settings.shutdown_grace_s if grace is None else grace
+        if self.store_watch is not None:
+            self.store_watch.cancel()
+            await asyncio.gather(self.store_watch, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.metrics_endpoint is not None:
@@ -68,7 +76,6 @@ async def start_server(settings: Settings) -> RunningServer:
             f"refusing to listen on {host} without authentication: anyone who can reach it could use it. "
             "Turn auth on (auth = true, then `cl-service token create`) or bind to 127.0.0.1"
         )
-    core = await asyncio.to_thread(ServiceCore.open, settings)
     limit = settings.transport_max_message_bytes
     server = grpc.aio.server(
         options=[
@@ -77,11 +84,11 @@ async def start_server(settings: Settings) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ]
     )
-    authenticator = Authenticator(core.store, cache_s=settings.auth_cache_s) if settings.auth else None
-    metrics = ServiceMetrics(core)
-    server.add_generic_rpc_handlers((generic_handler(InspectionServicer(core, metrics), authenticator),))
+    service = LateHandler()
+    server.add_generic_rpc_handlers((service,))
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await _set_health(health_servicer, serving=False)
     reflection.enable_server_reflection(
         (
             inspection_pb2.DESCRIPTOR.services_by_name["InspectionService"].full_name,
@@ -97,9 +104,16 @@ async def start_server(settings: Settings) -> RunningServer:
         else:
             port = server.add_secure_port(settings.bind, credentials)
     except (RuntimeError, ValueError) as exc:
-        await asyncio.to_thread(core.close)
         raise RuntimeError(f"cannot listen on {settings.bind}: {exc}") from exc
     await server.start()
+    try:
+        core = await open_core(settings)
+    except BaseException:
+        await server.stop(0)
+        raise
+    authenticator = Authenticator(core.store, cache_s=settings.auth_cache_s) if settings.auth else None
+    metrics = ServiceMetrics(core)
+    service.inner = generic_handler(InspectionServicer(core, metrics), authenticator)
     endpoint = None
     if settings.metrics_bind:
         try:
@@ -115,14 +129,58 @@ async def start_server(settings: Settings) -> RunningServer:
         await core.updates.start()
     if settings.inspect:
         await core.inspector.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, serving=True)
+    watch = None
+    if settings.store_check_s > 0:
+        watch = asyncio.create_task(watch_store(core, health_servicer, settings.store_check_s), name="store-watch")
     log.info("cl-service listening on %s:%d (store: %s)", host, port, core.store.backend)
     if not settings.auth:
         log.warning("authentication is off: listening on loopback only (auth = true to serve a network)")
     elif credentials is None and host not in LOOPBACK:
         log.warning("TLS is off: tokens and images cross the network in clear text (set tls_cert and tls_key)")
-    return RunningServer(server, core, health_servicer, port, endpoint)
+    return RunningServer(server, core, health_servicer, port, endpoint, watch)
+
+
+async def open_core(settings: Settings) -> ServiceCore:
+    """Open the store and the rest of the core; a database that cannot be reached (a PostgreSQL server starting
+    beside this one, restarting) is tried again, with growing pauses, for `store_open_timeout_s`."""
+    deadline = time.monotonic() + settings.store_open_timeout_s
+    pause = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(ServiceCore.open, settings)
+        except Exception as exc:
+            if not is_unreachable(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("the store's database cannot be reached (%s); trying again in %.1f s", short_reason(exc), pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 10.0)
+
+
+async def watch_store(core: ServiceCore, health_servicer: Any, every_s: float) -> None:
+    """Health follows the database: NOT_SERVING while it cannot be reached (load balancers and probes then send
+    the calls elsewhere; calls that come anyway are answered UNAVAILABLE STORE_UNAVAILABLE), SERVING once it answers."""
+    reachable = True
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(core.store.ping)
+        except Exception as exc:  # noqa: BLE001 - any failure to answer means not serving
+            if reachable:
+                log.warning("the store's database cannot be reached (%s): health NOT_SERVING", short_reason(exc))
+                reachable = False
+                await _set_health(health_servicer, serving=False)
+            continue
+        if not reachable:
+            log.warning("the store's database answers again: health SERVING")
+            reachable = True
+            await _set_health(health_servicer, serving=True)
+
+
+async def _set_health(health_servicer: Any, *, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -22,7 +22,7 @@ from cl_service.alerts import alert_snapshot, parse_cursor
 from cl_service.api import convert
 from cl_service.app import ModelView, ServiceCore
 from cl_service.auth import Authenticator
-from cl_service.errors import ErrorCode, ServiceError, invalid
+from cl_service.errors import ErrorCode, ServiceError, invalid, store_unavailable
 from cl_service.ingest.images import decode_checked, decode_image
 from cl_service.ingest.ratelimit import CameraRates
 from cl_service.ingest.service import IngestOutcome, IngestStatus
@@ -33,6 +33,7 @@ from cl_service.serving.batcher import QueueFullError
 from cl_service.serving.slot import NoLiveEngineError
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store import runs
+from replay_store.db import is_unreachable, short_reason
 from replay_store.naming import identifier_problem
 
 log = logging.getLogger(__name__)
@@ -369,9 +370,8 @@ def _unary(
         except asyncio.CancelledError:
             timing.code = "CANCELLED"
             raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
-            error = ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - answered and logged by _unexpected
+            error = _unexpected(exc, method)
             timing.failed(error)
             await _abort(context, error)
         finally:
@@ -400,10 +400,25 @@ def _streaming(
         except asyncio.CancelledError:
             timing.code = "CANCELLED"
             raise
+        except Exception as exc:  # noqa: BLE001 - answered and logged by _unexpected
+            error = _unexpected(exc, method)
+            timing.failed(error)
+            await _abort(context, error)
         finally:
             timing.done()
 
     return handle
+
+
+def _unexpected(exc: Exception, method: Callable[..., Any]) -> ServiceError:
+    """The answer to an exception the method did not turn into a ServiceError: UNAVAILABLE when the store's database
+    cannot be reached (retry), INTERNAL (with the traceback in the log) for anything else."""
+    name = getattr(method, "__name__", "rpc")
+    if is_unreachable(exc):
+        log.warning("%s: the store's database cannot be reached: %s", name, short_reason(exc))
+        return store_unavailable(short_reason(exc))
+    log.exception("unexpected error in %s", name)
+    return ServiceError(ErrorCode.INTERNAL, "INTERNAL", f"unexpected server error: {exc}")
 
 
 def generic_handler(
@@ -432,6 +447,40 @@ def generic_handler(
             response_serializer=lambda message: message.SerializeToString(),
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+if TYPE_CHECKING:  # generic in the type stubs only
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+else:
+    _GenericHandler = grpc.GenericRpcHandler
+
+
+class LateHandler(_GenericHandler):
+    """The service's handlers (`inner`) once the core is open; until then every call of the service is answered
+    UNAVAILABLE STORE_NOT_OPEN (health says NOT_SERVING meanwhile), each with the handler of its own kind."""
+
+    def __init__(self) -> None:
+        self.inner: grpc.GenericRpcHandler[Any, Any] | None = None
+        error = ServiceError(
+            ErrorCode.UNAVAILABLE, "STORE_NOT_OPEN", "the service is starting: its store is not open yet, retry shortly"
+        )
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await _abort(context, error)
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await _abort(context, error)
+            yield None  # never reached: makes this an async generator
+
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "Ingest": grpc.stream_stream_rpc_method_handler(refuse_stream),
+            **{name: grpc.unary_unary_rpc_method_handler(refuse) for name in _UNARY},
+            **{name: grpc.unary_stream_rpc_method_handler(refuse_stream) for name in _SERVER_STREAMING},
+        }
+        self._starting = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return (self.inner or self._starting).service(handler_call_details)
 
 
 Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]

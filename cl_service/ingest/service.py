@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from cl_service.config import MIB, Settings
-from cl_service.errors import ErrorCode, ServiceError, invalid
+from cl_service.errors import ErrorCode, ServiceError, invalid, store_unavailable
 from cl_service.ingest.images import ImageInfo, inspect_image
 from replay_store.committer import CommitterClosedError, GroupCommitter
+from replay_store.db import is_unreachable, short_reason
 from replay_store.naming import class_name_problem, identifier_problem
 from replay_store.store import NewSample, StoredSample
 
@@ -127,6 +128,8 @@ class IngestService:
             if _database_disk_full(exc):
                 log.error("storing an image failed: %s", exc)
                 return IngestOutcome.rejected(_storage_error(OSError(errno.ENOSPC, str(exc))))
+            if is_unreachable(exc):
+                return IngestOutcome.rejected(store_unavailable(short_reason(exc)))
             log.exception("storing an image failed")
             return IngestOutcome.rejected(
                 ServiceError(ErrorCode.UNAVAILABLE, "STORE_UNAVAILABLE", f"the store could not save the image: {exc}")

@@ -25,6 +25,7 @@ from cl_service.errors import ErrorCode, ServiceError
 from cl_service.learning.model import preprocess, read_checkpoint_info
 from cl_service.learning.repository import CHECKPOINT, ModelRepository
 from cl_service.learning.settings import ModelConfig
+from cl_service.logs import log_failure
 from cl_service.serving.batcher import MicroBatcher
 from cl_service.serving.publish import prepare_version
 from cl_service.serving.slot import EngineSlot, NoLiveEngineError
@@ -173,8 +174,8 @@ class LiveModels:
         while True:
             try:
                 await self.refresh()
-            except Exception:  # a database hiccup must not end polling
-                log.exception("looking for a new live model version failed; trying again later")
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end polling (log_failure logs it)
+                log_failure(log, "looking for a new live model version failed; trying again later", exc)
             await asyncio.sleep(self.settings.model_poll_s)
 
     async def classify(self, image: object) -> Classified:
