@@ -68,12 +68,22 @@ def head_revision(engine: Engine) -> str | None:
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
 
 
+SQLITE_FULL = 13
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A database error that means its disk is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    original = getattr(exc, "orig", None)
+    return getattr(original, "sqlite_errorcode", None) == SQLITE_FULL or getattr(original, "sqlstate", None) == "53100"
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True for a database error that says the database cannot be used right now (its server is down or restarting,
-    the connection dropped, SQLite's file is locked or cannot be opened): a retry may succeed; not a bug."""
+    the connection dropped, SQLite's file is locked or cannot be opened): a retry may succeed; not a bug. A full
+    disk is not this (both are OperationalErrors): see is_disk_full."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, OperationalError | InterfaceError) and not is_disk_full(exc)
 
 
 def short_reason(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ from cl_service.config import MIB, Settings
 from cl_service.errors import ErrorCode, ServiceError, invalid, store_unavailable
 from cl_service.ingest.images import ImageInfo, inspect_image
 from replay_store.committer import CommitterClosedError, GroupCommitter
-from replay_store.db import is_unreachable, short_reason
+from replay_store.db import is_disk_full, is_unreachable, short_reason
 from replay_store.naming import class_name_problem, identifier_problem
 from replay_store.store import NewSample, StoredSample
 
@@ -125,7 +125,7 @@ class IngestService:
             log.error("storing an image failed: %s", exc)
             return IngestOutcome.rejected(_storage_error(exc))
         except Exception as exc:
-            if _database_disk_full(exc):
+            if is_disk_full(exc):
                 log.error("storing an image failed: %s", exc)
                 return IngestOutcome.rejected(_storage_error(OSError(errno.ENOSPC, str(exc))))
             if is_unreachable(exc):
@@ -234,15 +234,6 @@ def _existing(folder: Path) -> Path:
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
     return folder
-
-
-def _database_disk_full(exc: BaseException) -> bool:
-    """A database error that means its disk is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
-    original = getattr(exc, "orig", None)
-    return getattr(original, "sqlite_errorcode", None) == SQLITE_FULL or getattr(original, "sqlstate", None) == "53100"
-
-
-SQLITE_FULL = 13
 
 
 def _storage_error(exc: OSError) -> ServiceError:
