@@ -72,7 +72,17 @@ class UpdateSettings(BaseModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone, input size, pretrained start.")
     epochs: int = Field(4, ge=1, description="Passes over the update's new data.")
-    batch_size: int = Field(32, ge=2, description="Images per batch of each kind (labeled, pseudo, replay).")
+    min_steps: int = Field(
+        100,
+        ge=1,
+        description="Fewest optimiser steps of an update, however little is new (a few dozen labels of a new class "
+        "are a few steps per epoch: too few to settle where it ends among the old classes).",
+    )
+    batch_size: int = Field(
+        32,
+        ge=2,
+        description="Images per batch of pseudo-labels and of replay; new labels get their classes' share of it.",
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the backbone.")
     head_lr_factor: float = Field(10.0, gt=0, description="The classifier head learns this many times faster.")
     backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")

@@ -194,6 +194,7 @@ def _run(
 
     pseudo_rows: list[SnapshotRow] = []
     pseudo_targets: list[int] = []
+    pseudo_judged: dict[str, int] = {}  # the teacher's top class of every image it judged
     # Images the inspector flagged as unlike anything known are not the teacher's to label: it would file a
     # new defect type under the nearest known class, and teach the student exactly that confusion.
     flagged = anomalous_sample_ids(store, [r.sample_id for r in new_unlabeled]) if teacher is not None else set()
@@ -204,6 +205,7 @@ def _run(
         probs = _predict(teacher, images, judged, tta=True)
         probs = F.pad(probs, (0, len(classes) - probs.shape[1]))  # the teacher never predicts the new classes
         labels = PseudoLabeler(thresholds, teacher_version=live_row.version).label(probs)
+        pseudo_judged = dict(Counter(classes[i] for i in probs.argmax(dim=1).tolist()))
         kept = [(row, label) for row, label in zip(judged, labels, strict=True) if label is not None]
         store.add_pseudo_labels(
             [PseudoLabel(row.sample_id, label.class_name, label.confidence, live_row.version) for row, label in kept]
@@ -292,6 +294,7 @@ def _run(
         "watermark": {"sample_id": snapshot.max_sample_id, "label_id": snapshot.max_label_id},
         "counts": counts,
         "pseudo_accepted": pseudo_counts,
+        "pseudo_judged": pseudo_judged,
         "timings": timings,
         "settings": settings.model_dump(mode="json"),
     }
@@ -362,9 +365,9 @@ def _train(
     report: Progress,
 ) -> None:
     size = settings.batch_size
-    driving = max(len(labeled.rows), len(pseudo.rows))
-    per_epoch = max(1, math.ceil(driving / size))
-    steps = settings.epochs * per_epoch
+    labeled_size = _labeled_batch_size(labeled, replay, size)
+    per_epoch = max(1, math.ceil(len(labeled.rows) / labeled_size), math.ceil(len(pseudo.rows) / size))
+    steps = max(settings.epochs * per_epoch, settings.min_steps)
     warmup = per_epoch if settings.backbone_warmup else 0
     optimiser = torch.optim.Adam(
         [
@@ -380,7 +383,7 @@ def _train(
     model.train()
     if settings.freeze_bn_statistics:
         _freeze_batch_norm_statistics(model)
-    labeled_batches = balanced_batches(labeled.targets.tolist(), size, steps, generator)
+    labeled_batches = balanced_batches(labeled.targets.tolist(), labeled_size, steps, generator)
     pseudo_batches = balanced_batches(pseudo.targets.tolist(), size, steps, generator)
     # FixMatch averages over every unlabeled image, rejected ones counting zero: weigh the accepted by their share.
     pseudo_share = len(pseudo.rows) / max(1, pseudo.looked_at)
@@ -430,6 +433,18 @@ def _train(
             "train", step, steps, {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
         )
     model.eval()
+
+
+def _labeled_batch_size(labeled: _Set, replay: _Set, size: int) -> int:
+    """Labeled images per batch: `size` times the share of the batch's classes the new labels cover.
+
+    The new labels of an update often cover one class (a new defect type named by an operator) while replay covers
+    every old one; a full batch of them beside a full batch of exemplars would give that one class as many
+    images per step as all old classes together, and the candidate learns to call old images by the new name.
+    """
+    covered = set(labeled.targets.tolist())
+    every = covered | set(replay.targets.tolist())
+    return max(1, round(size * len(covered) / max(1, len(every))))
 
 
 def _distillation(

@@ -36,6 +36,7 @@ def test_eval_stream_runs_ours_with_and_without_unlabeled_images_beside_a_refere
     # two optimiser steps cannot promise a good first model: this test is about the plumbing, so the first
     # model goes live whatever its validation accuracy (the [update] settings reach eval-stream from the env)
     monkeypatch.setenv("CL_SERVICE_UPDATE__COLD_START_MIN_ACCURACY", "0")
+    monkeypatch.setenv("CL_SERVICE_UPDATE__MIN_STEPS", "1")
     folder = _folder(tmp_path / "images", per_class=40)
     out = tmp_path / "out"
     code = main(

@@ -443,6 +443,7 @@ def _update_config(tmp_path: Path, epochs: int) -> Path:
             "keep_versions": 5,
             "update": {
                 "epochs": epochs,
+                "min_steps": 1,
                 "batch_size": 16,
                 "replay_budget": 8,
                 "cold_start_min_per_class": 3,

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TINY = UpdateSettings(
     model=ModelConfig(image_size=32, backbone="resnet10t", pretrained="none"),
     epochs=1,
+    min_steps=1,
     batch_size=16,
     replay_budget=8,
     cold_start_min_per_class=3,
@@ -198,6 +199,7 @@ def _toml(folder: Path, settings: Settings, port: int) -> Path:
                 "shutdown_grace_s = 2",
                 "[update]",
                 "epochs = 1",
+                "min_steps = 1",
                 "batch_size = 16",
                 "replay_budget = 8",
                 "cold_start_min_per_class = 3",

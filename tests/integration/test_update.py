@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SETTINGS = UpdateSettings(
     model=ModelConfig(image_size=64),
     epochs=8,
+    min_steps=1,
     lr=3e-4,
     batch_size=16,
     replay_budget=12,
