@@ -27,6 +27,7 @@ from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
 from cl_service.learning.update import Progress, UpdateResult, UpdateSkippedError, run_update
 from cl_service.logs import log_failure
+from cl_service.reports import write_version_report
 from cl_service.serving.publish import prebuild
 from replay_store import runs
 from replay_store.models import UpdateState
@@ -109,6 +110,11 @@ def update_and_publish(
         except Exception as exc:
             log.exception("the anomaly model of %s failed", result.version)
             anomaly_note = f"failed: {exc}"
+    progress("report", 0, 1, {})
+    try:  # the version's HTML report (`cl-service report VERSION` rewrites it with what happened since)
+        write_version_report(store, repository, result.version)
+    except Exception:  # a report that cannot be drawn never fails the update
+        log.exception("the report of %s could not be written", result.version)
     pruned = repository.prune(settings.keep_versions)
     return Updated(result, notes[0] if notes else "", anomaly_note, pruned)
 
