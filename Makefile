@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # The benchmarks (bench/ also holds their shared modules).
 BENCHES := bench/ingest.py bench/stream_eval.py bench/inference.py bench/unknown_defect.py bench/soak.py
 
-.PHONY: run test check lint proto bench clean
+.PHONY: run test check lint proto docs bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: $(STAMP)  ## format check, lint (ruff) and types (mypy)
 
 proto: $(STAMP)  ## regenerate the gRPC stubs from protos/
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+docs: $(STAMP)  ## regenerate docs/api-reference.md from the .proto comments
+	$(BIN)/python scripts/gen_api_docs.py
 
 bench: $(STAMP)  ## run every benchmark in bench/ and write bench/results/
 	for script in $(BENCHES); do $(BIN)/python $$script || exit 1; done

@@ -423,7 +423,10 @@ class Prediction(_message.Message):
     confidence: _builtins.float
     """Its probability (0..1)."""
     anomaly_score: _builtins.float
-    """The anomaly score: higher is more unusual. Comparable to `anomaly_threshold`."""
+    """The anomaly score: higher is more unusual. Comparable to `anomaly_threshold`. The anomaly fields (4-6) are
+    the inspector's, which scores stored images in the background within about `inspect_poll_s`: they are set in
+    GetSample and the review queue, and 0 / false in Classify and Ingest replies (answered before it runs).
+    """
     anomaly_threshold: _builtins.float
     """The calibrated threshold of the anomaly model that scored it."""
     anomalous: _builtins.bool
@@ -1314,7 +1317,10 @@ class UpdateProgress(_message.Message):
     state: Global___UpdateState.ValueType
     """Its state."""
     stage: _builtins.str
-    """The current stage, e.g. "snapshot", "pseudo_label", "train", "validate", "build", "swap"."""
+    """The current stage, in order: "teacher" (pseudo-labels), "train", "validate", "build" (the engine),
+    "consolidate" (exemplars, index, Fisher), "anomaly" (its anomaly model), "report", then "done"; empty while
+    queued. Stages with nothing to do are skipped.
+    """
     step: _builtins.int
     """Progress within the stage."""
     total_steps: _builtins.int
