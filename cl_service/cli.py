@@ -89,9 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.add_argument("--bind", help="host:port to listen on (default 127.0.0.1:50051, loopback only)")
 
-    demo = commands.add_parser("demo", help="start the service on embedded defaults and stream simulated cameras")
+    demo = commands.add_parser(
+        "demo", help="the whole loop on embedded defaults: cameras, first model, a new defect, alerts, update, swap"
+    )
     _settings_flags(demo)
-    _simulation_flags(demo, count=600, cameras=2)
+    demo.add_argument("--images", type=Path, help="a folder with one sub-folder per class, instead of synthetic")
+    demo.add_argument("--new-class", help="with --images: the class that appears later (default: the last one)")
+    demo.add_argument(
+        "--quick", action="store_true", help="fewer images and training steps (about 3.5 min instead of 5)"
+    )
+
+    report = commands.add_parser("report", help="write a model version's HTML report (default: the live version)")
+    _settings_flags(report)
+    report.add_argument("version", nargs="?", help="e.g. v0002 (default: the live version)")
+    report.add_argument("--out", type=Path, help="the HTML file to write (default: in the version's folder)")
 
     simulate = commands.add_parser("simulate", help="stream simulated camera images to a running server")
     simulate.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
@@ -410,38 +421,47 @@ def cmd_check_store(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the server in this process on a free loopback port, stream simulated cameras into it."""
+    """The main job: the whole loop on a fresh server in this process, with a live terminal view."""
     from rich.console import Console
 
-    from cl_service.api.server import start_server
-    from cl_service.client import Client
-    from cl_service.simulate.driver import run_simulation
+    from cl_service.demo import DemoError, DemoPlan, run_demo, summary
 
-    settings = _settings(args, bind="127.0.0.1:0")
+    settings = _settings(args)
     logging.basicConfig(level="WARNING")
     console = Console()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(start_server(settings), loop).result()
-    target = f"127.0.0.1:{running.port}"
-    console.print(f"[bold]cl-service {__version__}[/] serving on {target}; store in {settings.data_dir.resolve()}")
+    if settings.data_dir.exists() and any(settings.data_dir.iterdir()):
+        console.print(
+            f"[red]{settings.data_dir.resolve()} is not empty[/]: the demo starts from a fresh store; "
+            "remove it or pass --data-dir with a new folder"
+        )
+        return 2
+    console.print(f"[bold]cl-service {__version__}[/]: the loop, end to end, in {settings.data_dir.resolve()}")
+    plan = DemoPlan.quick() if args.quick else DemoPlan()
     try:
-        summary = _with_progress(_simulation_config(args, target), run_simulation, console)
-        with Client(target) as client:
-            status = client.status()
+        outcome = run_demo(settings, plan, images=args.images, new_class=args.new_class, console=console)
+    except DemoError as exc:
+        console.print(f"[red]the demo stopped: {exc}[/]")
+        return 1
+    console.print(summary(outcome))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cl_service.learning.repository import ModelRepository
+    from cl_service.reports import ReportError, report_command
+    from replay_store.store import Store
+
+    settings = _settings(args)
+    store = Store.open(settings.resolved_database_url, settings.blob_dir)
+    try:
+        path = report_command(store, ModelRepository(settings.data_dir / "models", store), args.version, args.out)
+    except ReportError as exc:
+        print(f"cl-service report: {exc}", file=sys.stderr)
+        return 2
     finally:
-        asyncio.run_coroutine_threadsafe(running.stop(grace=5), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-    console.print(
-        f"store now holds {status.samples_total} samples ({status.samples_unlabeled} unlabeled) in "
-        f"{status.blobs_total} blobs, {status.blob_bytes_total / 1e6:.1f} MB"
-    )
-    for item in status.classes:
-        console.print(f"  {item.class_name:<12} {item.camera_labels} camera labels")
-    console.print(f"data folder: {settings.data_dir.resolve()} (SQLite store.sqlite + blobs/)")
-    return 0 if not summary.failures else 1
+        store.close()
+    print(path)
+    return 0
 
 
 def _with_progress(config: Any, run: Any, console: Any = None) -> Any:
@@ -483,6 +503,7 @@ _COMMANDS = {
     "serve": cmd_serve,
     "eval-stream": cmd_eval_stream,
     "demo": cmd_demo,
+    "report": cmd_report,
     "simulate": cmd_simulate,
     "status": cmd_status,
     "models": cmd_models,

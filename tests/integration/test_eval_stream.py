@@ -10,8 +10,10 @@ from PIL import Image
 
 from cl_service.cli import main
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
+from tests.conftest import sqlite_only
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# eval-stream keeps its own SQLite store whatever the environment says: the PostgreSQL run would repeat it as is
+pytestmark = [pytest.mark.integration, pytest.mark.slow, sqlite_only]
 
 CLASSES = ("good", "scratch", "pit")
 

@@ -1,0 +1,53 @@
+"""The main job (`make run`), shortened (`--quick`): the story of a new defect, through the real server, scheduler,
+worker processes, inspector and engines. Known `good` and `crack` parts stream in and the first model is trained;
+`pit` (small dark spots) starts appearing and raises alerts while known parts rarely do; a simulated operator labels
+ten alerted pits from the review queue; the update learns the new class, passes the gate and is hot-swapped in;
+fresh pits are classified as pits and raise fewer alerts; every version has its HTML report.
+
+Recall and false-alarm rate are printed (`pytest -s`). bench/unknown_defect.py measures real defects.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cl_service.config import load_settings
+from cl_service.demo import DemoPlan, quiet_console, run_demo, summary
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.story, pytest.mark.timeout(900)]
+
+
+def test_the_main_job_learns_a_new_defect_type_and_reports_it(tmp_path: Path) -> None:
+    console = quiet_console()
+    settings = load_settings(data_dir=tmp_path / "data")
+    outcome = run_demo(settings, DemoPlan.quick(), console=console)
+    print("\n" + summary(outcome))
+
+    # the first model went live, then a second one that knows the new class
+    assert (outcome.first_version, outcome.final_version) == ("v0001", "v0002"), outcome.update_messages
+    assert set(outcome.final_per_class) == {"crack", "good", "pit"}
+    # the new type was noticed before it was learned, known parts rarely alerted
+    assert outcome.recall_before >= 0.45 and outcome.false_alarm_rate <= 0.05, outcome
+    assert outcome.alerts_raised >= 1
+    # learned: fresh pits are called pits, and alert less
+    assert outcome.learned >= 0.7, outcome
+    assert outcome.recall_after <= 0.7 * outcome.recall_before, outcome
+    # old classes within the gate's tolerance (the gate accepted it), and they still work
+    assert all(outcome.final_per_class[name] >= 0.8 for name in ("good", "crack")), outcome.final_per_class
+
+    # each version's report exists and holds its figures
+    assert set(outcome.report_paths) == {"v0001", "v0002"}
+    page = outcome.report_paths["v0002"].read_text()
+    for name in ("crack", "good", "pit"):
+        assert name in page
+    assert f"{outcome.final_per_class['pit']:.1%}" in page or f"{outcome.final_per_class['pit']:.0%}" in page
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) >= 4  # figures and alert heatmaps
+    assert "v0001" in page  # its parent
+
+    # the terminal view walked through every step and said where things are
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "6/6" in shown and "is live" in shown
+    assert str(outcome.data_dir) in summary(outcome)
