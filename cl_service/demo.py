@@ -193,6 +193,8 @@ class View:
     def __exit__(self, *exc: object) -> None:
         self._live.update(self._render(), refresh=True)
         self._live.__exit__(None, None, None)
+        if not self.console.is_terminal:  # the final frame ends without a line break there
+            self.console.line()
 
     def begin(self, step: int) -> None:
         """Start step `step` (0-based); len(STEPS) marks every step done."""
@@ -201,7 +203,7 @@ class View:
             self.progress.remove_task(self._task)
             self._task = None
         if step < len(self.STEPS):
-            self.console.log(f"[bold cyan]{step + 1}/{len(self.STEPS)}[/] {self.STEPS[step]}")
+            self.say(f"[bold cyan]{step + 1}/{len(self.STEPS)}[/] {self.STEPS[step]}")
         self.refresh()
 
     def work(self, description: str, total: int | None, done: int = 0, detail: str = "") -> None:
@@ -216,7 +218,7 @@ class View:
         self.refresh()
 
     def say(self, message: str) -> None:
-        self.console.log(message)
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}")
 
     def refresh(self) -> None:
         self._live.update(self._render())
@@ -276,7 +278,7 @@ def run_demo(
         view.work("reports", len(outcome.versions))
         repository = running.core.live.repository
         for done, version in enumerate(outcome.versions, 1):
-            outcome.report_paths[version] = write_version_report(running.core.store, repository, version)
+            outcome.report_paths[version] = write_version_report(running.core.store, repository, version).resolve()
             view.work("reports", len(outcome.versions), done)
     outcome.seconds = time.monotonic() - started
     return outcome
@@ -375,7 +377,6 @@ class _Story:
         if last.state != pb.UPDATE_STATE_SUCCEEDED:
             state = pb.UpdateState.Name(last.state)
             raise DemoError(f"update run {run.run_id} ended {state}: {last.message}")
-        view.say(f"update run {run.run_id}: {last.message}")
         models = self.client.list_models(include_rejected=True).models
         version = max((m.version for m in models if m.state == pb.MODEL_STATE_ACCEPTED), default="")
         self.outcome.versions = sorted(m.version for m in models)
@@ -389,7 +390,8 @@ class _Story:
             live_model=f"{version} ({self.client.status().live_engine}), validation accuracy {accuracy:.1%}",
             classes=", ".join(model.classes),
         )
-        view.say(f"{version} is live; its report: {self.data_dir / 'models' / version / 'report.html'}")
+        report = self.outcome.data_dir / "models" / version / "report.html"
+        view.say(f"update run {run.run_id} succeeded: {version} passed the gate and is live; its report: {report}")
         return version
 
     def _wait_scored(self, ids: Sequence[int], version: str) -> dict[int, pb.Prediction]:
