@@ -19,6 +19,7 @@ from PIL import Image
 
 from cl_service.api.server import RunningServer, server_in_thread
 from cl_service.config import Settings, load_settings
+from cl_service.learning.settings import ModelConfig, UpdateSettings
 
 if TYPE_CHECKING:
     from cl_service.client import Client
@@ -33,6 +34,19 @@ os.environ["CL_SERVICE_INSPECT"] = "false"  # likewise the inspector (scoring st
 # Set by scripts/test_postgres.py (part of `make test`): the URL of a PostgreSQL server's maintenance database. The
 # suite then runs with a fresh database per test instead of SQLite files.
 POSTGRES_SERVER = os.environ.get("CL_TEST_POSTGRES_URL", "")
+
+# An update that trains in a second or two: a tiny random-init backbone, one pass, any candidate accepted.
+TINY_UPDATE = UpdateSettings(
+    model=ModelConfig(image_size=32, backbone="resnet10t", pretrained="none"),
+    epochs=1,
+    min_steps=1,
+    batch_size=16,
+    replay_budget=8,
+    cold_start_min_per_class=3,
+    cold_start_min_accuracy=0.0,
+    gate_tolerance=1.0,
+    threads=1,
+)
 sqlite_only = pytest.mark.skipif(bool(POSTGRES_SERVER), reason="checks SQLite specifics (the PostgreSQL run skips it)")
 _databases = itertools.count()
 

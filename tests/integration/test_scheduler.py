@@ -21,28 +21,15 @@ from apscheduler.triggers.cron import CronTrigger
 from cl_service.api.server import server_in_thread
 from cl_service.client import Client
 from cl_service.config import Settings, load_settings
-from cl_service.learning.settings import ModelConfig, UpdateSettings
 from cl_service.scheduler import UpdateScheduler
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from cl_service.v1 import inspection_pb2 as pb
 from replay_store import runs
 from replay_store.models import UpdateRun, UpdateState, utcnow
 from replay_store.store import NewSample, Store
-from tests.conftest import free_port, wait_for_listening, wait_until
+from tests.conftest import TINY_UPDATE, free_port, wait_for_listening, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TINY = UpdateSettings(
-    model=ModelConfig(image_size=32, backbone="resnet10t", pretrained="none"),
-    epochs=1,
-    min_steps=1,
-    batch_size=16,
-    replay_budget=8,
-    cold_start_min_per_class=3,
-    cold_start_min_accuracy=0.0,
-    gate_tolerance=1.0,
-    threads=1,
-)
 
 
 def _settings(data_dir: Path, **extra: object) -> Settings:
@@ -54,7 +41,7 @@ def _settings(data_dir: Path, **extra: object) -> Settings:
         "update_lease_s": 6,
         "model_poll_s": 0.3,
         "shutdown_grace_s": 2,
-        "update": TINY,
+        "update": TINY_UPDATE,
         "anomaly": {"image_size": 32, "channels": [8, 16, 32], "min_steps": 40, "epochs": 1},
     }
     values.update(extra)
@@ -110,7 +97,7 @@ def store_run(store: Store, run_id: int) -> UpdateRun:
 
 
 def test_a_worker_killed_mid_update_fails_its_run_and_leaves_the_live_model(tmp_path: Path) -> None:
-    slow = TINY.model_copy(update={"epochs": 200})
+    slow = TINY_UPDATE.model_copy(update={"epochs": 200})
     settings = _settings(tmp_path / "data", update=slow)
     with server_in_thread(settings) as running:
         store = running.core.store

@@ -19,7 +19,6 @@ from cl_service.anomaly.config import AnomalyConfig
 from cl_service.anomaly.model import AnomalyModel
 from cl_service.inspector import ANOMALY_DIR, embed_and_classify, fit_anomaly
 from cl_service.learning.repository import REPORT, ModelRepository
-from cl_service.learning.settings import ModelConfig, UpdateSettings
 from cl_service.learning.update import run_update
 from cl_service.reports import REPORT_HTML, ReportError, report_command, write_version_report
 from cl_service.reports.charts import grouped_bars
@@ -29,21 +28,10 @@ from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_
 from replay_store.models import Alert, AlertState, PredictionRow, utcnow
 from replay_store.operator import save_predictions
 from replay_store.store import NewSample, Store
-from tests.conftest import store_url
+from tests.conftest import TINY_UPDATE, store_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY = UpdateSettings(
-    model=ModelConfig(image_size=32, backbone="resnet10t", pretrained="none"),
-    epochs=1,
-    min_steps=1,
-    batch_size=16,
-    replay_budget=8,
-    cold_start_min_per_class=3,
-    cold_start_min_accuracy=0.0,
-    gate_tolerance=1.0,
-    threads=1,
-)
 ANOMALY = AnomalyConfig(image_size=32, channels=(8, 16, 32), min_steps=40, epochs=1)
 SIDE = 48
 
@@ -149,11 +137,11 @@ def test_version_reports_show_the_update_the_anomaly_model_and_the_alerts(tmp_pa
         report_command(store, repository, None, None)
 
     _ingest(store, ("good", "scratch"), 40, start=0, labeled_every=1)
-    assert run_update(store, repository, TINY).version == "v0001"
+    assert run_update(store, repository, TINY_UPDATE).version == "v0001"
     _ingest(store, ("good", "scratch", "pit"), 48, start=1000, labeled_every=2)
-    second = run_update(store, repository, TINY)
+    second = run_update(store, repository, TINY_UPDATE)
     assert second.version == "v0002" and second.accepted, second.reasons
-    assert fit_anomaly(store, repository, "v0002", TINY, config=ANOMALY) is not None
+    assert fit_anomaly(store, repository, "v0002", TINY_UPDATE, config=ANOMALY) is not None
 
     # Images scored under v0002: labelled with its classes, with a class it does not know (crack), and unlabeled.
     snapshot = store.snapshot()
