@@ -214,6 +214,16 @@ def paired_changes(
     }
 
 
+def _misread(metrics: Metrics, name: str) -> str:
+    """Where `metrics` put the images of class `name` it got wrong: '; misread as pit 6, good 2'."""
+    row = metrics.confusion[metrics.classes.index(name)]
+    wrong = sorted(
+        ((n, metrics.classes[j]) for j, n in enumerate(row) if n and j != metrics.classes.index(name)),
+        key=lambda pair: (-pair[0], pair[1]),
+    )
+    return "; misread as " + ", ".join(f"{c} {n}" for n, c in wrong) if wrong else ""
+
+
 def compare(
     candidate: Metrics,
     live: Metrics,
@@ -266,9 +276,12 @@ def compare(
             )
             flips = None if changes is None or significance <= 0 else changes.get(name)
             if flips is None:
-                reasons.append(what + ")")
+                reasons.append(f"{what}{_misread(candidate, name)})")
             elif (p := flips.p_worse()) <= significance:
-                reasons.append(f"{what}; {flips.worse} worse, {flips.better} better: p={p:.3g} <= {significance:g})")
+                reasons.append(
+                    f"{what}; {flips.worse} worse, {flips.better} better: p={p:.3g} <= {significance:g}"
+                    f"{_misread(candidate, name)})"
+                )
             else:
                 notes.append(
                     f"{what}; but {flips.worse} worse, {flips.better} better: p={p:.3g} > {significance:g}, "

@@ -165,7 +165,9 @@ def test_gate_rejects_a_damaged_candidate_with_the_reason() -> None:
     assert damaged.accuracy == pytest.approx(live.accuracy) and live.macro_f1 - damaged.macro_f1 < 0.02
     decision = compare(damaged, live, tolerance=0.02, min_support=10)
     assert not decision.accepted
-    assert decision.reasons == ["class 'scratch': accuracy 90.0% -> 70.0% (-20.0 points > tolerance 2.0, n=50)"]
+    assert decision.reasons == [
+        "class 'scratch': accuracy 90.0% -> 70.0% (-20.0 points > tolerance 2.0, n=50; misread as pit 15)"
+    ]
     assert json.loads(json.dumps(decision.to_dict()))["accepted"] is False
 
 
