@@ -94,13 +94,21 @@ class GroupCommitter:
         try:
             results = self._store.add_samples([sample for sample, _ in live])
         except Exception as exc:
+            self.stats.failed_batches += 1
             if is_unreachable(exc):
                 log.warning("storing a batch of %d images failed: %s", len(live), short_reason(exc))
-            else:
-                log.exception("storing a batch of %d images failed", len(live))
-            self.stats.failed_batches += 1
-            for _, future in live:
-                future.set_exception(exc)
+                for _, future in live:
+                    future.set_exception(exc)
+                return
+            if len(live) == 1:
+                log.exception("storing an image failed")
+                live[0][1].set_exception(exc)
+                return
+            # One item's failure (its blob hit a full disk, say) must not answer for the others: an already-stored
+            # resend is still ALREADY_STORED, an image that fits is still stored. Each is tried on its own.
+            log.warning("storing a batch of %d images failed (%s); storing them one by one", len(live), exc)
+            for sample, future in live:
+                self._write_one(sample, future)
             return
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
@@ -109,3 +117,13 @@ class GroupCommitter:
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
         for (_, future), result in zip(live, results, strict=True):
             future.set_result(result)
+
+    def _write_one(self, sample: NewSample, future: Future[StoredSample]) -> None:
+        try:
+            (result,) = self._store.add_samples([sample])
+        except Exception as exc:  # noqa: BLE001 - any failure is this image's answer
+            log.warning("storing image %s/%s failed: %s", sample.camera_id, sample.request_id, short_reason(exc))
+            future.set_exception(exc)
+            return
+        self.stats.items += 1
+        future.set_result(result)

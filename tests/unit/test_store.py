@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from replay_store.blobs import BlobStore
 from replay_store.committer import GroupCommitter
 from replay_store.db import alembic_config, create_store_engine, current_revision, head_revision, migrate
 from replay_store.models import Label, LabelSource, utcnow
-from replay_store.store import NewSample, PseudoLabel, Store
+from replay_store.store import NewSample, PseudoLabel, Store, StoredSample
 from tests.conftest import sqlite_only, store_url
 
 
@@ -154,6 +155,33 @@ def test_group_commit_batches_concurrent_writers(tmp_path: Path) -> None:
     assert len({result.sample_id for result in results}) == 400
     assert committer.stats.items == 400 and committer.stats.batches < 400
     assert store.integrity_problems(verify_bytes=True) == []
+    store.close()
+
+
+def test_one_image_that_cannot_be_written_does_not_answer_for_its_batch(tmp_path: Path) -> None:
+    """A batch fails when one new image's blob hits a full disk: the others are tried on their own, so an
+    already-stored resend is answered as stored and an image that fits is stored."""
+    store = _open(tmp_path)
+    stored = store.add_samples([_sample("old", b"old")])[0]
+    original = store.add_samples
+
+    def full_for_big(batch: list[NewSample]) -> object:
+        if any(item.request_id == "big" for item in batch):
+            raise OSError(28, "No space left on device")
+        return original(batch)
+
+    store.add_samples = full_for_big  # type: ignore[method-assign]
+    committer = GroupCommitter(store)
+    batch = [(_sample(r, r.encode()), Future[StoredSample]()) for r in ("old", "big", "new")]
+    committer._write(batch)  # one batch, as the writer thread forms it from images that arrive together
+    resend, big, fits = (future for _, future in batch)
+    assert (resend.result(0).created, resend.result(0).sample_id) == (False, stored.sample_id)
+    with pytest.raises(OSError, match="No space left"):
+        big.result(0)
+    assert fits.result(0).created
+    assert committer.stats.failed_batches == 1 and committer.stats.items == 2
+    committer.close()
+    assert store.counts().samples == 2  # 'old' once and 'new'
     store.close()
 
 
