@@ -42,14 +42,6 @@ def invalid(reason: str, message: str) -> ServiceError:
     return ServiceError(ErrorCode.INVALID_ARGUMENT, reason, message)
 
 
-def not_implemented(capability: str, issue: str) -> ServiceError:
-    return ServiceError(
-        ErrorCode.UNIMPLEMENTED,
-        "NOT_IMPLEMENTED_YET",
-        f"{capability} is not built yet in this version of cl-service (planned: {issue})",
-    )
-
-
 def store_unavailable(reason: str) -> ServiceError:
     """The store's database cannot be reached (a PostgreSQL server down or restarting): nothing was changed."""
     return ServiceError(
