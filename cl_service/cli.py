@@ -353,6 +353,7 @@ def cmd_run_update(args: argparse.Namespace) -> int:
         # fork and exec in the multi-threaded server (gRPC's threads) crashed the child now and then (SIGSEGV)
 
     settings = Settings.model_validate_json(args.settings_json.read_text())
+    args.settings_json.unlink(missing_ok=True)  # it holds the database URL; nothing reads it again
     _logging(settings)
     return run_job(settings, args.run_id, args.owner)
 

@@ -27,6 +27,7 @@ from typing import Any
 from cl_service.config import Settings
 from cl_service.logs import log_failure
 from replay_store import runs
+from replay_store.files import write_private
 from replay_store.models import UpdateRun, UpdateState, utcnow
 from replay_store.operator import human_labels_since_time
 from replay_store.store import Store
@@ -158,9 +159,10 @@ class UpdateScheduler:
         return queued.id
 
     async def _run_child(self, run_id: int, owner: str) -> None:
+        # The worker's settings hold the database URL (a password, maybe): readable by this user only, deleted when
+        # the worker has read them (and here, should it never get that far).
         settings_file = self.settings.data_dir / "runs" / f"{run_id}.settings.json"
-        settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(self.settings.model_dump_json())
+        write_private(settings_file, self.settings.model_dump_json().encode())
         command = [sys.executable, "-c", "import sys; from cl_service.cli import main; sys.exit(main())"]
         command += ["run-update", "--run-id", str(run_id), "--owner", owner, "--settings-json", str(settings_file)]
         log.info("update run %d starting in a worker process", run_id)
@@ -181,6 +183,7 @@ class UpdateScheduler:
         finally:
             keeper.cancel()
             code, self._child = self._child.returncode, None
+            settings_file.unlink(missing_ok=True)
         if code != 0:
             tail = stderr.decode(errors="replace")[-STDERR_TAIL:]
             reason = f"the update worker exited with code {code}: {tail.strip() or 'no message'}"

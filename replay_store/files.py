@@ -44,3 +44,13 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data`, durably and atomically."""
     with replacing(path) as temp:
         temp.write_bytes(data)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` readable and writable by this user only (mode 0600, also when `path` existed): for
+    files that hold secrets, such as settings with a database password."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(data)

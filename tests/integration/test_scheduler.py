@@ -79,6 +79,8 @@ def test_trigger_update_trains_in_a_worker_and_the_new_version_goes_live(tmp_pat
             stages = [r.stage for r in reports]
             assert reports[-1].state == pb.UPDATE_STATE_SUCCEEDED, reports[-1]
             assert stages[-1] == "done" and len(reports) >= 2
+            # the worker's settings (with the database URL) were private to it and are gone
+            assert not list((settings.data_dir / "runs").glob("*.settings.json"))
             ended = store_run(store, run.run_id)
             assert ended.candidate_version == "v0001" and ended.requested_by == "alice"
             assert ended.request_reason == "first model" and ended.started_at is not None
