@@ -54,8 +54,28 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+class SchemaTooNewError(RuntimeError):
+    """The store's schema was migrated by a newer cl-service: this version does not know its revision."""
+
+
+def check_known_revision(engine: Engine) -> None:
+    """Raise SchemaTooNewError when the store's schema revision is not one of this version's migrations."""
+    current = current_revision(engine)
+    if current is None:
+        return
+    script = ScriptDirectory.from_config(alembic_config(engine))
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current not in known:
+        raise SchemaTooNewError(
+            f"the store's schema is at revision {current!r}, which this version of cl-service does not know "
+            f"(its newest is {script.get_current_head()!r}): a newer cl-service migrated it. Run that version, or "
+            "restore the backup taken before the upgrade; schemas are not migrated down"
+        )
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision` (default: the newest)."""
+    """Upgrade the schema to `revision` (default: the newest); SchemaTooNewError if a newer version migrated it."""
+    check_known_revision(engine)
     command.upgrade(alembic_config(engine), revision)
 
 

@@ -21,7 +21,7 @@ from sqlmodel import Session
 
 from replay_store.batch_sql import BatchSQL, batch_sql_for
 from replay_store.blobs import BlobCorruptError, BlobLocation, BlobStore
-from replay_store.db import create_store_engine, current_revision, head_revision, migrate
+from replay_store.db import check_known_revision, create_store_engine, current_revision, head_revision, migrate
 from replay_store.models import (
     BLOBS,
     CLASSES,
@@ -131,11 +131,13 @@ class Store:
         engine = create_store_engine(database_url)
         if migrate_schema:
             migrate(engine)
-        elif current_revision(engine) != head_revision(engine):
-            raise RuntimeError(
-                f"the store's schema is at {current_revision(engine)!r}, this version needs "
-                f"{head_revision(engine)!r}: run `cl-service migrate`"
-            )
+        else:
+            check_known_revision(engine)
+            if current_revision(engine) != head_revision(engine):
+                raise RuntimeError(
+                    f"the store's schema is at {current_revision(engine)!r}, this version needs "
+                    f"{head_revision(engine)!r}: run `cl-service migrate`"
+                )
         return cls(engine, BlobStore(blob_root))
 
     @property

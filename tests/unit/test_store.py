@@ -18,10 +18,18 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import insert, text
 from sqlmodel import SQLModel
 
+from cl_service.cli import main
 from replay_store.batch_sql import BatchSQL, SqliteBatchSQL
 from replay_store.blobs import BlobStore
 from replay_store.committer import GroupCommitter
-from replay_store.db import alembic_config, create_store_engine, current_revision, head_revision, migrate
+from replay_store.db import (
+    SchemaTooNewError,
+    alembic_config,
+    create_store_engine,
+    current_revision,
+    head_revision,
+    migrate,
+)
 from replay_store.models import Label, LabelSource, utcnow
 from replay_store.store import NewSample, PseudoLabel, Store, StoredSample
 from tests.conftest import sqlite_only, store_url
@@ -207,6 +215,18 @@ def test_a_failed_batch_fails_its_waiters_and_the_writer_goes_on(tmp_path: Path)
     assert committer.submit(_sample("g", b"g")).result(10).created
     committer.close()
     store.close()
+
+
+def test_a_schema_migrated_by_a_newer_version_is_refused_clearly(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfacef00d'"))
+    store.close()
+    url = store_url(tmp_path)
+    for migrate_schema in (True, False):  # the server and migrate; check-store
+        with pytest.raises(SchemaTooNewError, match="'f00dfacef00d', which this version of cl-service does not know"):
+            Store.open(url, tmp_path / "blobs", migrate_schema=migrate_schema)
+    assert main(["migrate", "--database-url", url, "--data-dir", str(tmp_path)]) == 2
 
 
 def test_migrations_match_the_models(tmp_path: Path) -> None:
