@@ -12,10 +12,11 @@ import contextlib
 import getpass
 import logging
 import os
+import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,33 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _update_lease(store: Any, ttl_s: float) -> Iterator[bool]:
+    """Hold the update lease (the one the servers' schedulers take) while the block runs, renewing it; yields False,
+    holding nothing, when another process holds it: one update at a time, whoever starts it."""
+    from replay_store import runs
+
+    owner = f"cli:{socket.gethostname()}:{os.getpid()}"
+    if not runs.acquire_lease(store, owner, ttl_s):
+        yield False
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 4):
+            with contextlib.suppress(Exception):
+                runs.renew(store, owner, ttl_s, run_id=0)
+
+    renewer = threading.Thread(target=renew, name="update-lease", daemon=True)
+    renewer.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        renewer.join()
+        runs.release_lease(store, owner)
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -309,7 +337,15 @@ def cmd_update(args: argparse.Namespace) -> int:
     try:
         repository = ModelRepository(settings.data_dir / "models", store)
         columns = (TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.fields[note]}"))
-        with Progress(*columns, TimeRemainingColumn()) as bars:
+        with _update_lease(store, settings.update_lease_s) as held, Progress(*columns, TimeRemainingColumn()) as bars:
+            if not held:
+                bars.stop()
+                print(
+                    "error: another update is running (a server's scheduler holds the update lease); run this when "
+                    "it has ended, or queue one with TriggerUpdate",
+                    file=sys.stderr,
+                )
+                return 2
             tasks: dict[str, Any] = {}
 
             def progress(stage: str, step: int, total: int, values: dict[str, float]) -> None:

@@ -164,3 +164,21 @@ def test_the_update_command_says_why_it_did_not_train(tmp_path: Path, capsys: py
 
     assert main(["update", "--data-dir", str(tmp_path / "data")]) == 0
     assert "no update: cold start needs 5 human labels in 2 classes" in capsys.readouterr().out
+
+
+def test_the_update_command_waits_its_turn_behind_a_running_update(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cl_service.cli import main
+    from cl_service.config import load_settings
+    from replay_store import runs
+
+    settings = load_settings(data_dir=tmp_path / "data")
+    store = Store.open(settings.resolved_database_url, settings.blob_dir)
+    assert runs.acquire_lease(store, "server-1", 60)  # a server's scheduler is running an update
+    assert main(["update", "--data-dir", str(settings.data_dir)]) == 2
+    assert "another update is running" in capsys.readouterr().err
+    runs.release_lease(store, "server-1")
+    assert main(["update", "--data-dir", str(settings.data_dir)]) == 0  # its turn: nothing to train on yet
+    assert runs.acquire_lease(store, "server-1", 60)  # and the command let the lease go
+    store.close()
