@@ -24,17 +24,18 @@ from cl_service import __version__
 from cl_service.config import Settings, load_settings
 
 
-def _settings_flags(parser: argparse.ArgumentParser) -> None:
+def _settings_flags(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
+    """--config and --log-level; with `store`, also where the store is (a command that keeps its own has no say)."""
     parser.add_argument("--config", type=Path, help="a TOML file of settings")
-    parser.add_argument("--data-dir", type=Path, help="folder of the embedded store (default ./cl-data)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)")
+    if store:
+        parser.add_argument("--data-dir", type=Path, help="folder of the embedded store (default ./cl-data)")
+        parser.add_argument("--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return load_settings(
-        args.config, data_dir=args.data_dir, database_url=args.database_url, log_level=args.log_level, **extra
-    )
+    store = {"data_dir": getattr(args, "data_dir", None), "database_url": getattr(args, "database_url", None)}
+    return load_settings(args.config, log_level=args.log_level, **store, **extra)
 
 
 def _simulation_flags(parser: argparse.ArgumentParser, *, count: int, cameras: int) -> None:
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-stream",
         help="replay a folder of class sub-folders as a class-incremental camera stream through ingest and updates",
     )
-    _settings_flags(evaluate)
+    _settings_flags(evaluate, store=False)  # it keeps its own SQLite store under --out
     evaluate.add_argument("folder", type=Path, help="a folder with one sub-folder of images per class")
     evaluate.add_argument("--steps", default="3,2,2", help="classes per step, comma-separated (sum: all classes)")
     evaluate.add_argument("--labeled-fraction", type=float, default=1.0, help="share of each class sent labeled")
