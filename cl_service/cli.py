@@ -24,18 +24,45 @@ from cl_service import __version__
 from cl_service.config import Settings, load_settings
 
 
-def _settings_flags(parser: argparse.ArgumentParser, *, store: bool = True) -> None:
-    """--config and --log-level; with `store`, also where the store is (a command that keeps its own has no say)."""
-    parser.add_argument("--config", type=Path, help="a TOML file of settings")
+def _settings_flags(parser: argparse.ArgumentParser, *, store: bool = True, again: bool = False) -> None:
+    """--config and --log-level; with `store`, also where the store is (a command that keeps its own has no say).
+    `again`: the flags of a sub-command's own sub-commands, so that they may come after it too (they set nothing
+    when not given, leaving what the sub-command's flags set)."""
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
+    parser.add_argument("--config", type=Path, help="a TOML file of settings", **unset)
     if store:
-        parser.add_argument("--data-dir", type=Path, help="folder of the embedded store (default ./cl-data)")
-        parser.add_argument("--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+        parser.add_argument("--data-dir", type=Path, help="folder of the embedded store (default ./cl-data)", **unset)
+        parser.add_argument(
+            "--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)", **unset
+        )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...", **unset)
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     store = {"data_dir": getattr(args, "data_dir", None), "database_url": getattr(args, "database_url", None)}
     return load_settings(args.config, log_level=args.log_level, **store, **extra)
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: plaintext, TLS (--ca) or mutual TLS (--ca, --cert, --key); a token."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    parser.add_argument("--ca", type=Path, help="TLS: the CA certificate (PEM) that signed the server's")
+    parser.add_argument("--cert", type=Path, help="mutual TLS: this client's certificate chain (PEM)")
+    parser.add_argument("--key", type=Path, help="mutual TLS: this client's private key (PEM)")
+    parser.add_argument(
+        "--token", help="API token (default: the CL_SERVICE_TOKEN variable; prefer it, a flag shows in process lists)"
+    )
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """`token` and `tls` for Client and CameraClient from the _client_flags."""
+    from cl_service.client import Tls
+
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together (mutual TLS)")
+    if args.cert is not None and args.ca is None:
+        raise ValueError("--cert and --key need --ca: the CA that signed the server's certificate")
+    return {"token": args.token, "tls": Tls.from_files(args.ca, args.cert, args.key) if args.ca else None}
 
 
 def _simulation_flags(parser: argparse.ArgumentParser, *, count: int, cameras: int) -> None:
@@ -79,6 +106,7 @@ def _simulation_config(args: argparse.Namespace, target: str) -> Any:
         surface=surface,
         image_format=args.format,
         run_id=args.run_id or f"run{time.strftime('%Y%m%d%H%M%S')}",
+        **_connection(args),
     )
 
 
@@ -107,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="the HTML file to write (default: in the version's folder)")
 
     simulate = commands.add_parser("simulate", help="stream simulated camera images to a running server")
-    simulate.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    _client_flags(simulate)
     _simulation_flags(simulate, count=1000, cameras=1)
 
     status = commands.add_parser("status", help="print a running server's status")
-    status.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    _client_flags(status)
 
     models = commands.add_parser("models", help="list a running server's model versions, or make one live")
-    models.add_argument("--target", default="127.0.0.1:50051", help="the server's host:port")
+    _client_flags(models)
     models.add_argument("--all", action="store_true", help="also list versions the validation gate rejected")
     models.add_argument("--activate", metavar="VERSION", help="promote or roll back to this kept version")
     models.add_argument("--by", help="who asks, for the audit trail (default: your user name)")
@@ -130,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="a unique name, e.g. camera-line-3 or olga")
     create.add_argument("--role", required=True, choices=("camera", "operator", "admin"))
     create.add_argument("--by", help="who creates it, for the record (default: your user name)")
-    token_commands.add_parser("list", help="every token: name, role, created, revoked")
+    listing = token_commands.add_parser("list", help="every token: name, role, created, revoked")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name (takes effect within auth_cache_s)")
     revoke.add_argument("name")
+    for sub in (create, listing, revoke):
+        _settings_flags(sub, again=True)  # `token create NAME --data-dir DIR` as well as `token --data-dir DIR ...`
 
     update = commands.add_parser("update", help="run one incremental update now (teacher, replay + EWC, gate)")
     _settings_flags(update)
@@ -177,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import grpc
+
     args = build_parser().parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args) or 0)
@@ -185,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"cl-service {args.command}: {exc}", file=sys.stderr)
         return 2
+    except grpc.RpcError as exc:  # a call to a server failed: its status, not a traceback
+        code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"cl-service {args.command}: {args.target} answered {code}: {details}", file=sys.stderr)
+        return 1
 
 
 def _logging(settings: Settings) -> None:
@@ -215,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from cl_service.client import Client
 
-    with Client(args.target, timeout_s=10) as client:
+    with Client(args.target, timeout_s=10, **_connection(args)) as client:
         print(MessageToJson(client.status(), preserving_proto_field_name=True))
     return 0
 
@@ -226,7 +263,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from cl_service.client import Client
     from cl_service.v1 import inspection_pb2 as pb
 
-    with Client(args.target, timeout_s=600) as client:
+    with Client(args.target, timeout_s=600, **_connection(args)) as client:
         if args.activate:
             try:
                 client.activate_model(args.activate, requested_by=args.by or _user(), reason=args.reason)

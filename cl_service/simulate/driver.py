@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cl_service.client import CameraClient, CameraImage, IngestResult
+from cl_service.client import CameraClient, CameraImage, IngestResult, Tls
 from cl_service.simulate.folder import FolderSource
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 
@@ -36,6 +36,8 @@ class SimulationConfig:
     image_format: str = "png"
     window: int = 64
     run_id: str = "run"  # request ids are f"{run_id}-{camera}-{index}": the same run_id resends the same images
+    token: str | None = None  # API token (None: the CL_SERVICE_TOKEN variable, when set)
+    tls: Tls | None = None  # None: plaintext
 
     def __post_init__(self) -> None:
         if self.cameras < 1:
@@ -120,7 +122,9 @@ def run_simulation(
     stop = stop or threading.Event()
 
     def run_camera(camera: int) -> None:
-        client = CameraClient(config.target, f"sim-camera-{camera}", window=config.window)
+        client = CameraClient(
+            config.target, f"sim-camera-{camera}", window=config.window, token=config.token, tls=config.tls
+        )
         images = _paced(camera_images(config, camera), config.rate)
         try:
             for result in client.stream(_until(images, stop)):

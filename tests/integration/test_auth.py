@@ -123,6 +123,9 @@ def test_token_commands_create_list_and_revoke(tmp_path: Path, capsys: pytest.Ca
     assert "no token named 'nope'" in cli("revoke", "nope")[2]
     code, out, _ = cli("list")
     assert code == 0 and "line-3\tcamera" in out and "revoked" in out
+    # the store's flags may also come after the token command's own
+    assert main(["token", "list", "--data-dir", str(tmp_path / "data")]) == 0
+    assert "line-3\tcamera" in capsys.readouterr().out
     store = Store.open(store_url(tmp_path / "data"), tmp_path / "data" / "blobs")
     try:
         (row,) = list_tokens(store)

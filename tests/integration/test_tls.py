@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cl_service.api.server import server_in_thread, start_server
+from cl_service.cli import main
 from cl_service.client import Client, Tls
 from cl_service.config import load_settings
+from replay_store.tokens import create_token
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +140,32 @@ def test_bad_tls_settings_fail_at_start_with_the_reason(
     settings = load_settings(data_dir=tmp_path / "data", bind="127.0.0.1:0", **{k: paths[v] for k, v in files.items()})
     with pytest.raises(RuntimeError, match=message):
         asyncio.run(start_server(settings))
+
+
+def test_the_client_commands_reach_a_server_with_mutual_tls_and_tokens(
+    tmp_path: Path, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        bind="127.0.0.1:0",
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca"],
+        auth=True,
+    )
+    with server_in_thread(settings) as running:
+        _, secret = create_token(running.core.store, "line-7", "admin", "test")
+        target = ["--target", f"127.0.0.1:{running.port}"]
+        tls = ["--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
+        reach = [*target, *tls, "--token", secret]
+        assert main(["status", *reach]) == 0
+        assert main(["models", *reach]) == 0
+        assert main(["simulate", *reach, "--count", "3", "--size", "32"]) == 0
+        assert running.core.store.counts().samples == 3
+        capsys.readouterr()
+        assert main(["status", *target, *tls]) == 1  # no token
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main(["status", *target, "--ca", str(pki["ca"]), "--token", secret]) == 1  # no client certificate
+        assert "UNAVAILABLE" in capsys.readouterr().err
+        assert main(["status", *target, "--ca", str(pki["ca"]), "--cert", str(pki["client_cert"])]) == 2
+        assert "--cert and --key go together" in capsys.readouterr().err
