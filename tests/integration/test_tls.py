@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from cl_service.api.server import server_in_thread, start_server
 from cl_service.cli import main
 from cl_service.client import Client, Tls
-from cl_service.config import load_settings
+from cl_service.config import Settings, load_settings
 from replay_store.tokens import create_token
 
 pytestmark = pytest.mark.integration
@@ -106,15 +106,19 @@ def test_tls_refuses_plaintext_and_serves_clients_that_trust_the_ca(tmp_path: Pa
         assert _status_code(target, wrong_ca) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_mutual_tls_needs_a_client_certificate_from_the_ca(tmp_path: Path, pki: dict[str, Path]) -> None:
-    settings = load_settings(
+def _mutual_tls(tmp_path: Path, pki: dict[str, Path], **extra: object) -> Settings:
+    return load_settings(
         data_dir=tmp_path / "data",
         bind="127.0.0.1:0",
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
         tls_client_ca=pki["ca"],
+        **extra,
     )
-    with server_in_thread(settings) as running:
+
+
+def test_mutual_tls_needs_a_client_certificate_from_the_ca(tmp_path: Path, pki: dict[str, Path]) -> None:
+    with server_in_thread(_mutual_tls(tmp_path, pki)) as running:
         target = f"127.0.0.1:{running.port}"
         with_cert = Tls.from_files(pki["ca"], pki["client_cert"], pki["client_key"])
         assert _status_code(target, with_cert) == grpc.StatusCode.OK
@@ -145,15 +149,7 @@ def test_bad_tls_settings_fail_at_start_with_the_reason(
 def test_the_client_commands_reach_a_server_with_mutual_tls_and_tokens(
     tmp_path: Path, pki: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = load_settings(
-        data_dir=tmp_path / "data",
-        bind="127.0.0.1:0",
-        tls_cert=pki["server_cert"],
-        tls_key=pki["server_key"],
-        tls_client_ca=pki["ca"],
-        auth=True,
-    )
-    with server_in_thread(settings) as running:
+    with server_in_thread(_mutual_tls(tmp_path, pki, auth=True)) as running:
         _, secret = create_token(running.core.store, "line-7", "admin", "test")
         target = ["--target", f"127.0.0.1:{running.port}"]
         tls = ["--ca", str(pki["ca"]), "--cert", str(pki["client_cert"]), "--key", str(pki["client_key"])]
