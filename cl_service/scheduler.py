@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cl_service.config import Settings
@@ -165,13 +166,15 @@ class UpdateScheduler:
         write_private(settings_file, self.settings.model_dump_json().encode())
         command = [sys.executable, "-c", "import sys; from cl_service.cli import main; sys.exit(main())"]
         command += ["run-update", "--run-id", str(run_id), "--owner", owner, "--settings-json", str(settings_file)]
-        log.info("update run %d starting in a worker process", run_id)
-        self._child = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
+        log_file = settings_file.with_name(f"{run_id}.log")  # the worker's log lines, kept for the operator
+        log.info("update run %d starting in a worker process (its log: %s)", run_id, log_file)
+        with log_file.open("ab") as worker_log:
+            self._child = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.DEVNULL, stderr=worker_log
+            )
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(run_id, owner), name="update-lease")
         try:
-            _, stderr = await self._child.communicate()
+            await self._child.wait()
         except asyncio.CancelledError:  # the server stops: so does its update (the run is marked failed)
             self._child.terminate()
             with contextlib.suppress(ProcessLookupError):
@@ -185,8 +188,8 @@ class UpdateScheduler:
             code, self._child = self._child.returncode, None
             settings_file.unlink(missing_ok=True)
         if code != 0:
-            tail = stderr.decode(errors="replace")[-STDERR_TAIL:]
-            reason = f"the update worker exited with code {code}: {tail.strip() or 'no message'}"
+            tail = _tail(log_file, STDERR_TAIL)
+            reason = f"the update worker exited with code {code} (its log: {log_file}): {tail.strip() or 'no message'}"
             if await asyncio.to_thread(runs.finish, self.store, run_id, UpdateState.FAILED, reason=reason):
                 log.error("update run %d failed: %s", run_id, reason)
 
@@ -199,3 +202,13 @@ class UpdateScheduler:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(runs.renew, self.store, owner, ttl, run_id)
             await asyncio.sleep(ttl / 4)
+
+
+def _tail(path: Path, size: int) -> str:
+    """The last `size` bytes of `path` as text ('' when it cannot be read)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - size))
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -120,6 +120,8 @@ def test_a_worker_killed_mid_update_fails_its_run_and_leaves_the_live_model(tmp_
             wait_until(lambda: store_run(store, run.run_id).state == UpdateState.FAILED.value, 60, "the failure")
             failed = store_run(store, run.run_id)
             assert "exited with code -9" in (failed.reason or "")
+            log_file = settings.data_dir / "runs" / f"{run.run_id}.log"  # the worker's log stays for the operator
+            assert f"(its log: {log_file})" in (failed.reason or "") and log_file.is_file()
             assert client.status().live_model_version == ""  # nothing went live
             assert store_run(store, run.run_id).candidate_version is None
 
