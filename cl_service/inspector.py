@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from cl_service.learning.model import InspectionModel, preprocess_encoded
 from cl_service.learning.repository import ModelRepository
 from cl_service.learning.settings import UpdateSettings
 from cl_service.logs import log_failure
+from replay_store import runs
 from replay_store.exemplars import ReplayBuffer
 from replay_store.files import write_atomically
 from replay_store.models import PredictionRow, as_utc, utcnow
@@ -44,6 +47,7 @@ from replay_store.store import SnapshotRow, Store
 log = logging.getLogger(__name__)
 
 ANOMALY_DIR = "anomaly"
+INSPECTOR_LEASE = "inspector"  # one inspector at a time over every process that shares the store
 EMBED_BATCH = 64
 
 
@@ -151,6 +155,7 @@ class Inspector:
         batch: int = 32,
         poll_s: float = 1.0,
         backlog: int = 1000,
+        lease_s: float = 30.0,
     ) -> None:
         self.store = store
         self.repository = repository
@@ -163,6 +168,9 @@ class Inspector:
         self._watermark: int | None = None
         self._loaded: _Loaded | None = None
         self._task: asyncio.Task[None] | None = None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease_s = lease_s
+        self.leading = False  # holds the inspector lease: this one scores, any other waits
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="inspector")
@@ -172,6 +180,14 @@ class Inspector:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(Exception):  # another process's inspector takes over now, not a lease later
+            await asyncio.to_thread(self.release)
+
+    def release(self) -> None:
+        """Give the inspector lease up (when held)."""
+        if self.leading:
+            runs.release_lease(self.store, self.owner, INSPECTOR_LEASE)
+            self.leading = False
 
     async def _loop(self) -> None:
         while True:
@@ -184,7 +200,16 @@ class Inspector:
                 await asyncio.sleep(self.poll_s)
 
     def inspect_batch(self) -> int:
-        """Score the next stored samples with the live version; returns how many were scored."""
+        """Score the next stored samples with the live version; returns how many were scored.
+
+        Only the holder of the inspector lease scores (several servers on one store would record every alert
+        twice); it renews the lease with each batch, and another process takes over within `lease_s` of it
+        stopping."""
+        if not runs.acquire_lease(self.store, self.owner, self.lease_s, name=INSPECTOR_LEASE):
+            self.leading = False
+            return 0
+        if not self.leading:  # (again) the inspector: go on after the newest prediction, whoever wrote it
+            self.leading, self._watermark = True, None
         loaded = self._live()
         if loaded is None:
             return 0

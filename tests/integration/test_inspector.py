@@ -104,8 +104,16 @@ def test_unusual_images_get_scores_heatmaps_and_one_incident(tmp_path: Path, one
     assert books.open_count() == len(incidents)
 
     assert inspector.inspect_batch() == 0  # all done
+    # another process's inspector waits while this one holds the inspector lease, then takes over where it stopped
     again = Inspector(store, repository, books, tmp_path / "heatmaps")
-    assert again.inspect_batch() == 0  # a restart resumes after the newest prediction
+    later = _store(store, good[:5], "later")
+    assert again.inspect_batch() == 0 and not again.leading
+    assert inspector.inspect_batch() == 5 and inspector.leading
+    inspector.release()
+    assert again.inspect_batch() == 0 and again.leading  # resumes after the newest prediction: nothing new
+    _store(store, good[5:8], "after")
+    assert again.inspect_batch() == 3
+    assert all(prediction_of(store, sample_id) is not None for sample_id in later)
     store.close()
 
 
