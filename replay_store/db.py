@@ -7,6 +7,9 @@ The schema is owned by alembic from its first version: `migrate()` brings any st
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -74,9 +77,42 @@ def check_known_revision(engine: Engine) -> None:
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision` (default: the newest); SchemaTooNewError if a newer version migrated it."""
-    check_known_revision(engine)
-    command.upgrade(alembic_config(engine), revision)
+    """Upgrade the schema to `revision` (default: the newest); SchemaTooNewError if a newer version migrated it.
+
+    Processes that start together on one database (several servers, a `migrate` beside them) take turns: the
+    first migrates, the others then find the schema current."""
+    with _migration_lock(engine):
+        check_known_revision(engine)
+        command.upgrade(alembic_config(engine), revision)
+
+
+MIGRATION_LOCK_KEY = 0x636C5F6D6967  # a PostgreSQL advisory lock of this project's migrations ("cl_mig")
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold a lock that every process migrating this database takes: PostgreSQL's advisory lock (held by one
+    connection for the migration's length), for a SQLite file an exclusive lock on a file beside it."""
+    backend = engine.url.get_backend_name()
+    database = engine.url.database or ""
+    if backend == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    elif backend == "sqlite" and database and database != ":memory:" and os.name == "posix":
+        import fcntl
+
+        with open(f"{database}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    else:
+        yield
 
 
 def current_revision(engine: Engine) -> str | None:

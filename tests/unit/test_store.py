@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import replace
@@ -215,6 +217,17 @@ def test_a_failed_batch_fails_its_waiters_and_the_writer_goes_on(tmp_path: Path)
     assert committer.submit(_sample("g", b"g")).result(10).created
     committer.close()
     store.close()
+
+
+def test_processes_starting_together_on_an_empty_database_take_turns_to_migrate(tmp_path: Path) -> None:
+    url = store_url(tmp_path)
+    code = "import sys; from replay_store import db; db.migrate(db.create_store_engine(sys.argv[1]))"
+    starts = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [process.communicate(timeout=120)[1].decode() for process in starts]
+    assert [process.returncode for process in starts] == [0, 0, 0], errors
+    engine = create_store_engine(url)
+    assert current_revision(engine) == head_revision(engine)
+    engine.dispose()
 
 
 def test_a_schema_migrated_by_a_newer_version_is_refused_clearly(tmp_path: Path) -> None:
