@@ -93,7 +93,8 @@ class _StoreCollector(Collector):
             seconds = (last[1] - last[0]).total_seconds()
             yield _gauge("cl_update_last_duration_seconds", "Duration of the latest finished update run.", seconds)
         counts: dict[str, Any] = (report or {}).get("counts", {}) if isinstance(report, dict) else {}
-        judged = counts.get("new_unlabeled", 0) - counts.get("unlabeled_flagged_unknown", 0)
+        left_out = counts.get("unlabeled_flagged_unknown", 0) + counts.get("unlabeled_near_new_class", 0)
+        judged = counts.get("new_unlabeled", 0) - left_out
         if judged > 0:
             yield _gauge(
                 "cl_pseudo_label_acceptance_ratio",

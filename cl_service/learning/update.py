@@ -199,6 +199,14 @@ def _run(
     # new defect type under the nearest known class, and teach the student exactly that confusion.
     flagged = anomalous_sample_ids(store, [r.sample_id for r in new_unlabeled]) if teacher is not None else set()
     judged = [r for r in new_unlabeled if r.sample_id not in flagged]
+    near_new: set[int] = set()
+    if teacher is not None and judged and settings.pseudo_weight > 0:
+        unknown_to_teacher = set(classes) - set(teacher.classes)
+        newest = watermark.get("label_id", 0)
+        references = [r for r in human_train if r.label in unknown_to_teacher or r.label_id > newest]
+        references += [by_id[e.sample_id] for e in exemplars if e.sample_id in by_id]
+        near_new = _nearest_is_unknown(teacher, images, judged, references, unknown_to_teacher)
+        judged = [r for r in judged if r.sample_id not in near_new]
     if teacher is not None and judged and settings.pseudo_weight > 0:
         assert live_row is not None
         report("teacher", 0, len(judged), {})
@@ -271,6 +279,7 @@ def _run(
         "new_labeled": len(labeled.rows),
         "new_unlabeled": len(new_unlabeled),
         "unlabeled_flagged_unknown": len(flagged),
+        "unlabeled_near_new_class": len(near_new),
         "pseudo_accepted": len(pseudo_rows),
         "replayed": len(replay.rows),
     }
@@ -324,6 +333,41 @@ def _new_thresholds(classes: Sequence[str], settings: UpdateSettings) -> Adaptiv
         ceiling=settings.pseudo_ceiling,
         per_class=per_class,  # type: ignore[arg-type]  # checked above
     )
+
+
+def _nearest_is_unknown(
+    teacher: InspectionModel,
+    images: ImageTensors,
+    judged: Sequence[SnapshotRow],
+    references: Sequence[SnapshotRow],
+    unknown: set[str],
+) -> set[int]:
+    """Sample ids of the `judged` images whose nearest labelled reference, in the teacher's embedding space, is of a
+    class the teacher cannot predict (one named since it was trained).
+
+    The teacher files every image under a class it knows: an unlabeled image of a new defect type comes back as the
+    nearest old class, often with full confidence, and as a pseudo-label it would teach the student the very
+    confusion the new labels are there to remove. Its embedding still sits next to the new type's labelled images:
+    such images stay unlabeled.
+    """
+    references = [r for r in references if r.label]
+    if not unknown or not any(r.label in unknown for r in references):
+        return set()
+    reference_embeddings, _ = _embed(teacher, images, references)
+    judged_embeddings, _ = _embed(teacher, images, judged)
+    near = nearest_label_in(judged_embeddings, reference_embeddings, [r.label or "" for r in references], unknown)
+    return {row.sample_id for row, hit in zip(judged, near, strict=True) if hit}
+
+
+def nearest_label_in(queries: Tensor, references: Tensor, labels: Sequence[str], wanted: set[str]) -> list[bool]:
+    """For each row of `queries` (L2-normalised), whether its most similar row of `references` (cosine) has a label
+    in `wanted`."""
+    if len(labels) != references.shape[0]:
+        raise ValueError(f"{references.shape[0]} references but {len(labels)} labels")
+    if queries.shape[0] == 0 or references.shape[0] == 0:
+        return [False] * queries.shape[0]
+    nearest = (queries @ references.T).argmax(dim=1).tolist()
+    return [labels[i] in wanted for i in nearest]
 
 
 def _labeled_set(images: ImageTensors, rows: list[SnapshotRow], index_of: dict[str, int]) -> _Set:
