@@ -57,6 +57,11 @@ class DemoPlan:
     corrections: int = 10  # of the new type the operator labels from the review queue
     chute: int = 40  # labelled images of the new type from the reject chute
     fresh: int = 20  # new-type images checked after the update
+    # When the gate rejects the update that learns the new type, the line goes on as a factory's would: this many
+    # more labelled images (half known at the camera, half new from the reject chute), then the next update tries.
+    # `attempts` updates at most.
+    more_labels: int = 40
+    attempts: int = 2
     side: int = 128  # camera image side (synthetic images)
     # batches of 16 (of each kind) and 80 steps keep an update near a minute and a half on 2 cores
     update: UpdateSettings = field(
@@ -94,7 +99,7 @@ class Outcome:
     alerts_raised: int = 0
     learned: float = 0.0  # fresh new-type images classified as the new class after the update
     recall_after: float = 0.0  # fresh new-type images still alerting after the update
-    update_messages: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # the gate's reasons for each candidate it rejected
     report_paths: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -273,7 +278,7 @@ def run_demo(
         target = f"127.0.0.1:{running.port}"
         view.set(service=f"{target}, store in {outcome.data_dir}", classes=", ".join(source.known))
         with Client(target, timeout_s=plan.timeout_s) as client:
-            _Story(client, target, source, plan, view, outcome, settings.data_dir).run()
+            _Story(client, target, source, plan, view, outcome).run()
         # each update wrote its version's report; written again now, they hold the alerts and scores since
         view.work("reports", len(outcome.versions))
         repository = running.core.live.repository
@@ -292,7 +297,6 @@ class _Story:
     plan: DemoPlan
     view: View
     outcome: Outcome
-    data_dir: Path
     truth: dict[int, str] = field(default_factory=dict)
 
     def run(self) -> None:
@@ -332,7 +336,7 @@ class _Story:
         self._stream("cam-2", source.take((source.new,), plan.chute, seed=4), labeled=True, what="reject chute")
 
         view.begin(4)
-        outcome.final_version = final = self._update(f"learn {source.new}")
+        outcome.final_version = final = self._learn_new_type()
 
         view.begin(5)
         self._wait_anomaly_model(final)
@@ -362,7 +366,22 @@ class _Story:
         self.truth.update({i: label for i, (_, label) in zip(ids, images, strict=True)})
         return ids
 
-    def _update(self, why: str) -> str:
+    def _learn_new_type(self) -> str:
+        """Updates until one passes the gate (at most `plan.attempts`); more labelled images arrive between."""
+        plan, source = self.plan, self.source
+        for attempt in range(1, max(1, plan.attempts) + 1):
+            version = self._update(f"learn {source.new}", may_be_rejected=attempt < plan.attempts)
+            if version:
+                return version
+            known = source.take(source.known, plan.more_labels // 2, seed=10 + attempt)
+            self._stream("cam-1", known, labeled=True, what="labelled at the camera")
+            chute = source.take((source.new,), plan.more_labels - len(known), seed=20 + attempt)
+            self._stream("cam-2", chute, labeled=True, what="reject chute")
+        raise AssertionError("unreachable: the last attempt raises on rejection")
+
+    def _update(self, why: str, *, may_be_rejected: bool = False) -> str:
+        """Trigger an update and follow it; the version that went live, or "" when the gate rejected the candidate
+        and `may_be_rejected`."""
         view = self.view
         run = self.client.trigger_update(OPERATOR, why)
         view.say(f"update run {run.run_id} queued by the scheduler: {why}")
@@ -373,7 +392,14 @@ class _Story:
                 detail += f"  eta {last.eta_seconds:.0f} s"
             view.work(f"update: {last.stage or 'queued'}", last.total_steps or None, last.step, detail)
             view.set(update=f"run {run.run_id}: {last.stage or 'queued'}")
-        self.outcome.update_messages.append(last.message)
+        if last.state == pb.UPDATE_STATE_REJECTED:
+            self.outcome.rejected.append(last.message)
+            if may_be_rejected:
+                view.say(
+                    f"update run {run.run_id}: the gate rejected the candidate, the live model stays: {last.message}; "
+                    "the line goes on, and the next update learns from more labels"
+                )
+                return ""
         if last.state != pb.UPDATE_STATE_SUCCEEDED:
             state = pb.UpdateState.Name(last.state)
             raise DemoError(f"update run {run.run_id} ended {state}: {last.message}")
@@ -452,7 +478,7 @@ class _Story:
                 return
 
     def _wait_anomaly_model(self, version: str) -> None:
-        folder = self.data_dir / "models" / version / "anomaly"
+        folder = self.outcome.data_dir / "models" / version / "anomaly"
         self._wait(folder.is_dir, f"the anomaly model of {version}")
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
@@ -471,6 +497,7 @@ def summary(outcome: Outcome) -> str:
         f"new defect type '{outcome.new_class}': {outcome.recall_before:.0%} of its images alerted before it was "
         f"learned (known images: {outcome.false_alarm_rate:.0%} false alarms); after the update "
         f"{outcome.learned:.0%} are classified as it and {outcome.recall_after:.0%} still alert",
+        *(f"rejected by the gate (the live model stayed): {reason}" for reason in outcome.rejected),
         "per class (validation): "
         + ", ".join(f"{name} {value:.0%}" for name, value in sorted(outcome.final_per_class.items())),
         f"data folder: {outcome.data_dir} (store.sqlite, blobs/, models/)",
