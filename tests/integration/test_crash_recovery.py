@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import random
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +20,7 @@ import grpc
 import pytest
 from sqlalchemy import select
 
-from cl_service.client import Client, channel
+from cl_service.client import channel
 from cl_service.config import load_settings
 from cl_service.v1 import inspection_pb2 as pb
 from cl_service.v1 import inspection_pb2_grpc as pb_grpc
@@ -31,10 +28,10 @@ from replay_store.blobs import BlobLocation
 from replay_store.models import BLOBS, SAMPLES
 from replay_store.store import Store
 from tests.conftest import png_bytes
+from tests.server_process import CLI, ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CLI = [sys.executable, "-c", "import sys; from cl_service.cli import main; sys.exit(main())"]
 KILLS = 6
 CAMERAS = ("cam-a", "cam-b")
 KILL_DELAY_S = (0.2, 1.5)
@@ -55,46 +52,6 @@ class Ledger:
 
     def request(self, key: Key) -> pb.IngestRequest:
         return pb.IngestRequest(camera_id=key[0], request_id=key[1], image=self.images[key])
-
-
-class ServerProcess:
-    """`cl-service serve` in a child process on a free loopback port (the OS picks it; the server prints it)."""
-
-    def __init__(self, data_dir: Path, logs: Path) -> None:
-        self._stdout = logs.with_suffix(".out")
-        self._stderr = logs.with_suffix(".err")
-        with self._stdout.open("wb") as out, self._stderr.open("wb") as err:
-            self.process = subprocess.Popen(
-                [*CLI, "serve", "--data-dir", str(data_dir), "--bind", "127.0.0.1:0", "--log-level", "WARNING"],
-                stdout=out,
-                stderr=err,
-            )
-        self.target = ""
-
-    def wait_ready(self) -> None:
-        self.target = f"127.0.0.1:{self._announced_port(timeout_s=30)}"
-        with Client(self.target) as client:
-            client.wait_ready(timeout_s=30)
-
-    def _announced_port(self, timeout_s: float) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self._stdout.read_text().splitlines():
-                if line.startswith("cl-service listening on "):
-                    return int(line.rsplit(":", 1)[1])
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"the server did not start (exit code {self.process.poll()}):\n{self.output()}")
-
-    def output(self) -> str:
-        return self._stdout.read_text() + self._stderr.read_text()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
 
 
 class CameraStream(threading.Thread):
