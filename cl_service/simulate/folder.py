@@ -1,6 +1,6 @@
 """A camera that replays real images from a folder with one sub-folder per class.
 
-`cl-service simulate --folder ...` streams published inspection sets (for example
+`cl-service simulate --images ...` streams published inspection sets (for example
 `../shared/datasets/xsdd/<class>/<file>`) in place, without copying them. Folder names become
 class names under the service's naming rule, files are ordered deterministically from a seed,
 and the stream can be shuffled over all classes or class-incremental (one class after another),
