@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import socket
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ class Inspector:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.lease_s = lease_s
         self.leading = False  # holds the inspector lease: this one scores, any other waits
+        self._renew_at = 0.0  # monotonic time at which the held lease is renewed
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="inspector")
@@ -182,6 +184,18 @@ class Inspector:
                 await self._task
         with contextlib.suppress(Exception):  # another process's inspector takes over now, not a lease later
             await asyncio.to_thread(self.release)
+
+    def _hold_lease(self) -> bool:
+        """Take or renew the inspector lease; renewed once half of it has passed, not at every idle poll (a write)."""
+        if self.leading and time.monotonic() < self._renew_at:
+            return True
+        if not runs.acquire_lease(self.store, self.owner, self.lease_s, name=INSPECTOR_LEASE):
+            self.leading = False
+            return False
+        if not self.leading:  # (again) the inspector: go on after the newest prediction, whoever wrote it
+            self.leading, self._watermark = True, None
+        self._renew_at = time.monotonic() + self.lease_s / 2
+        return True
 
     def release(self) -> None:
         """Give the inspector lease up (when held)."""
@@ -205,11 +219,8 @@ class Inspector:
         Only the holder of the inspector lease scores (several servers on one store would record every alert
         twice); it renews the lease with each batch, and another process takes over within `lease_s` of it
         stopping."""
-        if not runs.acquire_lease(self.store, self.owner, self.lease_s, name=INSPECTOR_LEASE):
-            self.leading = False
+        if not self._hold_lease():
             return 0
-        if not self.leading:  # (again) the inspector: go on after the newest prediction, whoever wrote it
-            self.leading, self._watermark = True, None
         loaded = self._live()
         if loaded is None:
             return 0
