@@ -94,11 +94,12 @@ class _StoreCollector(Collector):
             yield _gauge("cl_update_last_duration_seconds", "Duration of the latest finished update run.", seconds)
         counts: dict[str, Any] = (report or {}).get("counts", {}) if isinstance(report, dict) else {}
         left_out = counts.get("unlabeled_flagged_unknown", 0) + counts.get("unlabeled_near_new_class", 0)
+        left_out -= counts.get("pseudo_propagated", 0)  # near a new class and labelled as it
         judged = counts.get("new_unlabeled", 0) - left_out
         if judged > 0:
             yield _gauge(
                 "cl_pseudo_label_acceptance_ratio",
-                "Share of the unlabeled images the live version's teacher judged that got a pseudo-label.",
+                "Share of the unlabeled images the live version's update judged that got a pseudo-label.",
                 counts.get("pseudo_accepted", 0) / judged,
             )
 

@@ -128,7 +128,8 @@ def _step_line(strategy: str, d: dict[str, Any]) -> str:
     pseudo = d.get("pseudo_labels", 0)
     notes = [f"pseudo-labels {d.get('pseudo_correct', 0)}/{pseudo} right"] if pseudo else []
     if held := d.get("counts", {}).get("unlabeled_near_new_class"):
-        notes.append(f"{held} unlabeled images next to a new class kept from the teacher")
+        propagated = d.get("counts", {}).get("pseudo_propagated", 0)
+        notes.append(f"{held} unlabeled images next to a new class kept from the teacher, {propagated} labelled as it")
     if d.get("default_gate_accepts") is False:
         notes.append("the default gate would reject it: " + "; ".join(d.get("default_gate_reasons", [])))
     return (

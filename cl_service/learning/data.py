@@ -100,13 +100,14 @@ def to_unit(images: Tensor) -> Tensor:
 
 
 def balanced_batches(
-    labels: Sequence[int], batch_size: int, steps: int, generator: torch.Generator
+    labels: Sequence[int], batch_size: int, steps: int, generator: torch.Generator, balanced: bool = True
 ) -> Iterator[Tensor]:
-    """`steps` batches of indices drawn with probability inversely proportional to their class's count."""
+    """`steps` batches of indices drawn with probability inversely proportional to their class's count
+    (`balanced=False`: every index equally likely)."""
     if not labels:
         return
     targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     counts = torch.bincount(targets).to(torch.float64)
-    weights = 1.0 / counts[targets]
+    weights = 1.0 / counts[targets] if balanced else torch.ones(len(labels), dtype=torch.float64)
     for _ in range(steps):
         yield torch.multinomial(weights, min(batch_size, len(labels)), replacement=True, generator=generator)

@@ -104,6 +104,12 @@ class UpdateSettings(BaseModel):
     pseudo_per_class: str = Field("confidence", description="Per-class threshold statistic: confidence/probability.")
     pseudo_floor: float = Field(0.7, gt=0, le=1, description="Lowest per-class confidence threshold.")
     pseudo_ceiling: float = Field(0.99, gt=0, le=1, description="Highest per-class confidence threshold.")
+    propagate_k: int = Field(
+        3,
+        ge=0,
+        description="An unlabeled image nearest to a labelled image of a class the teacher does not know takes that "
+        "class as its pseudo-label when its k nearest labelled images all carry it (0: it stays unlabeled).",
+    )
     max_unlabeled: int = Field(2000, ge=0, description="Newest unlabeled samples the teacher looks at per update.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of human-labeled images held out (by hash).")
     val_max_per_class: int = Field(

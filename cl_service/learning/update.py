@@ -6,7 +6,9 @@ Stages, in order:
    watermark: the newest sample and label it saw) is what this update learns from.
 2. teacher: the live model with test-time augmentation labels the new unlabeled samples; adaptive per-class
    thresholds decide which labels are kept; kept ones are stored as pseudo-labels (below any human label).
-   Samples the inspector flagged as anomalous (a possible unknown defect) are left for an operator.
+   Samples the inspector flagged as anomalous (a possible unknown defect) are left for an operator. Samples
+   next to a class the teacher does not know take that class when their nearest labelled images agree
+   (label propagation in the teacher's embedding space); the teacher does not label them.
 3. train: the student starts from the live model (its head grown for new classes) and minimises
    cross-entropy on the new human labels (class-balanced batches, weak augmentation), cross-entropy on the
    pseudo-labels under strong augmentation (FixMatch), replay of the exemplars with their stored logits
@@ -200,13 +202,18 @@ def _run(
     flagged = anomalous_sample_ids(store, [r.sample_id for r in new_unlabeled]) if teacher is not None else set()
     judged = [r for r in new_unlabeled if r.sample_id not in flagged]
     near_new: set[int] = set()
+    propagated: list[tuple[SnapshotRow, Propagated]] = []
     if teacher is not None and judged and settings.pseudo_weight > 0:
         unknown_to_teacher = set(classes) - set(teacher.classes)
         newest = watermark.get("label_id", 0)
         references = [r for r in human_train if r.label in unknown_to_teacher or r.label_id > newest]
         references += [by_id[e.sample_id] for e in exemplars if e.sample_id in by_id]
-        near_new = _nearest_is_unknown(teacher, images, judged, references, unknown_to_teacher)
-        judged = [r for r in judged if r.sample_id not in near_new]
+        nearest = _near_new_classes(teacher, images, judged, references, unknown_to_teacher, settings.propagate_k)
+        near_new = {row.sample_id for row, found in zip(judged, nearest, strict=True) if found is not None}
+        propagated = [(row, found) for row, found in zip(judged, nearest, strict=True) if found and found.agreed]
+    looked_at = len(judged)
+    judged = [r for r in judged if r.sample_id not in near_new]
+    kept = [(row, found.label, found.similarity) for row, found in propagated]
     if teacher is not None and judged and settings.pseudo_weight > 0:
         assert live_row is not None
         report("teacher", 0, len(judged), {})
@@ -214,13 +221,15 @@ def _run(
         probs = F.pad(probs, (0, len(classes) - probs.shape[1]))  # the teacher never predicts the new classes
         labels = PseudoLabeler(thresholds, teacher_version=live_row.version).label(probs)
         pseudo_judged = dict(Counter(classes[i] for i in probs.argmax(dim=1).tolist()))
-        kept = [(row, label) for row, label in zip(judged, labels, strict=True) if label is not None]
-        store.add_pseudo_labels(
-            [PseudoLabel(row.sample_id, label.class_name, label.confidence, live_row.version) for row, label in kept]
-        )
-        pseudo_rows = [row for row, _ in kept]
-        pseudo_targets = [index_of[label.class_name] for _, label in kept]
+        kept += [(row, label.class_name, label.confidence) for row, label in zip(judged, labels, strict=True) if label]
         report("teacher", len(judged), len(judged), {"accepted": float(len(kept))})
+    if kept:
+        assert live_row is not None
+        store.add_pseudo_labels(
+            [PseudoLabel(row.sample_id, name, confidence, live_row.version) for row, name, confidence in kept]
+        )
+        pseudo_rows = [row for row, _, _ in kept]
+        pseudo_targets = [index_of[name] for _, name, _ in kept]
     lap("teacher")
 
     labeled = _labeled_set(images, new_labeled if live_row else human_train, index_of)
@@ -228,7 +237,7 @@ def _run(
         pseudo_rows,
         images.load(pseudo_rows),
         torch.tensor(pseudo_targets, dtype=torch.long),
-        looked_at=len(judged),
+        looked_at=looked_at,
     )
     replay = _replay_set(images, exemplars, by_id, index_of)
     lap("decode")
@@ -280,6 +289,7 @@ def _run(
         "new_unlabeled": len(new_unlabeled),
         "unlabeled_flagged_unknown": len(flagged),
         "unlabeled_near_new_class": len(near_new),
+        "pseudo_propagated": len(propagated),
         "pseudo_accepted": len(pseudo_rows),
         "replayed": len(replay.rows),
     }
@@ -300,7 +310,8 @@ def _run(
         "candidate": candidate_metrics.to_dict() if candidate_metrics else None,
         "live": live_metrics.to_dict() if live_metrics else None,
         "gate": {"accepted": accepted, "reasons": reasons, "tolerance": settings.gate_tolerance},
-        "watermark": {"sample_id": snapshot.max_sample_id, "label_id": snapshot.max_label_id},
+        # A first model learns from labels only: the unlabeled images it saw are still new to the next update's teacher.
+        "watermark": {"sample_id": snapshot.max_sample_id if teacher else 0, "label_id": snapshot.max_label_id},
         "counts": counts,
         "pseudo_accepted": pseudo_counts,
         "pseudo_judged": pseudo_judged,
@@ -335,39 +346,60 @@ def _new_thresholds(classes: Sequence[str], settings: UpdateSettings) -> Adaptiv
     )
 
 
-def _nearest_is_unknown(
+@dataclass(frozen=True)
+class Propagated:
+    """An unlabeled image's nearest labelled image is of a class the teacher does not know (`label`)."""
+
+    label: str
+    similarity: float  # mean cosine similarity of the agreeing neighbours (0 when they do not agree)
+    agreed: bool  # its k nearest labelled images all carry `label`: it may take that label
+
+
+def _near_new_classes(
     teacher: InspectionModel,
     images: ImageTensors,
     judged: Sequence[SnapshotRow],
     references: Sequence[SnapshotRow],
     unknown: set[str],
-) -> set[int]:
-    """Sample ids of the `judged` images whose nearest labelled reference, in the teacher's embedding space, is of a
-    class the teacher cannot predict (one named since it was trained).
+    k: int,
+) -> list[Propagated | None]:
+    """For each of the `judged` images, whether its nearest labelled reference in the teacher's embedding space is
+    of a class the teacher cannot predict (one named since it was trained), and whether its `k` nearest agree.
 
     The teacher files every image under a class it knows: an unlabeled image of a new defect type comes back as the
     nearest old class, often with full confidence, and as a pseudo-label it would teach the student the very
     confusion the new labels are there to remove. Its embedding still sits next to the new type's labelled images:
-    such images stay unlabeled.
+    the teacher does not label such an image; when its k nearest labelled images agree, it takes their label
+    (label propagation from the few new labels, right for 175 of 179 images of the new classes on xsdd).
     """
     references = [r for r in references if r.label]
     if not unknown or not any(r.label in unknown for r in references):
-        return set()
+        return [None] * len(judged)
     reference_embeddings, _ = _embed(teacher, images, references)
     judged_embeddings, _ = _embed(teacher, images, judged)
-    near = nearest_label_in(judged_embeddings, reference_embeddings, [r.label or "" for r in references], unknown)
-    return {row.sample_id for row, hit in zip(judged, near, strict=True) if hit}
+    return near_new_labels(judged_embeddings, reference_embeddings, [r.label or "" for r in references], unknown, k)
 
 
-def nearest_label_in(queries: Tensor, references: Tensor, labels: Sequence[str], wanted: set[str]) -> list[bool]:
-    """For each row of `queries` (L2-normalised), whether its most similar row of `references` (cosine) has a label
-    in `wanted`."""
+def near_new_labels(
+    queries: Tensor, references: Tensor, labels: Sequence[str], wanted: set[str], k: int
+) -> list[Propagated | None]:
+    """For each row of `queries` (L2-normalised): None when its most similar row of `references` (cosine) has a
+    label outside `wanted`; else that label, agreed when the `k` most similar rows all carry it (k = 0: never)."""
     if len(labels) != references.shape[0]:
         raise ValueError(f"{references.shape[0]} references but {len(labels)} labels")
     if queries.shape[0] == 0 or references.shape[0] == 0:
-        return [False] * queries.shape[0]
-    nearest = (queries @ references.T).argmax(dim=1).tolist()
-    return [labels[i] in wanted for i in nearest]
+        return [None] * queries.shape[0]
+    similarity = queries @ references.T
+    top = similarity.topk(min(max(k, 1), references.shape[0]), dim=1)
+    found: list[Propagated | None] = []
+    for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        label = labels[indices[0]]
+        if label not in wanted:
+            found.append(None)
+            continue
+        agreed = k > 0 and len(indices) == k and all(labels[i] == label for i in indices)
+        found.append(Propagated(label, max(0.0, sum(values) / len(values)) if agreed else 0.0, agreed))
+    return found
 
 
 def _labeled_set(images: ImageTensors, rows: list[SnapshotRow], index_of: dict[str, int]) -> _Set:
@@ -409,8 +441,9 @@ def _train(
     report: Progress,
 ) -> None:
     size = settings.batch_size
-    labeled_size = _labeled_batch_size(labeled, replay, size)
-    per_epoch = max(1, math.ceil(len(labeled.rows) / labeled_size), math.ceil(len(pseudo.rows) / size))
+    labeled_size = _batch_share(labeled, [labeled, pseudo, replay], size)
+    pseudo_size = _batch_share(pseudo, [labeled, pseudo, replay], size)
+    per_epoch = max(1, math.ceil(len(labeled.rows) / labeled_size), math.ceil(len(pseudo.rows) / pseudo_size))
     steps = max(settings.epochs * per_epoch, settings.min_steps)
     warmup = per_epoch if settings.backbone_warmup else 0
     optimiser = torch.optim.Adam(
@@ -428,7 +461,9 @@ def _train(
     if settings.freeze_bn_statistics:
         _freeze_batch_norm_statistics(model)
     labeled_batches = balanced_batches(labeled.targets.tolist(), labeled_size, steps, generator)
-    pseudo_batches = balanced_batches(pseudo.targets.tolist(), size, steps, generator)
+    # Pseudo-labels are drawn as they come: balancing would repeat the teacher's few labels of a class (often
+    # wrong: an image of a new type filed under an old class) as often as a class's hundreds of right ones.
+    pseudo_batches = balanced_batches(pseudo.targets.tolist(), pseudo_size, steps, generator, balanced=False)
     # FixMatch averages over every unlabeled image, rejected ones counting zero: weigh the accepted by their share.
     pseudo_share = len(pseudo.rows) / max(1, pseudo.looked_at)
     replay_batches = balanced_batches(replay.targets.tolist(), size, steps, generator)
@@ -479,15 +514,17 @@ def _train(
     model.eval()
 
 
-def _labeled_batch_size(labeled: _Set, replay: _Set, size: int) -> int:
-    """Labeled images per batch: `size` times the share of the batch's classes the new labels cover.
+def _batch_share(part: _Set, parts: Sequence[_Set], size: int) -> int:
+    """Images per batch of `part` (new labels, pseudo-labels): `size` times the share of all the batch's classes
+    that it covers.
 
     The new labels of an update often cover one class (a new defect type named by an operator) while replay covers
     every old one; a full batch of them beside a full batch of exemplars would give that one class as many
     images per step as all old classes together, and the candidate learns to call old images by the new name.
+    The same holds for pseudo-labels, which are mostly of the new classes (label propagation).
     """
-    covered = set(labeled.targets.tolist())
-    every = covered | set(replay.targets.tolist())
+    covered = set(part.targets.tolist())
+    every = set().union(*(set(p.targets.tolist()) for p in parts))
     return max(1, round(size * len(covered) / max(1, len(every))))
 
 

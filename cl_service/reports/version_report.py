@@ -45,8 +45,9 @@ COUNT_MEANINGS = {
     "new_labeled": "human-labelled images this update trained on (new since the parent; all on a first model)",
     "new_unlabeled": "unlabeled images new since the parent",
     "unlabeled_flagged_unknown": "of those, flagged by the inspector as possible unknown defects (left to operators)",
-    "unlabeled_near_new_class": "of those, nearest to a labelled image of a class the teacher does not know (left out)",
-    "pseudo_accepted": "pseudo-labels the teacher's thresholds kept",
+    "unlabeled_near_new_class": "of those, nearest to a labelled image of a class the teacher does not know",
+    "pseudo_propagated": "of those, labelled as that class (their nearest labelled images agree); the rest left out",
+    "pseudo_accepted": "pseudo-labels in all: the teacher's thresholds kept, plus the propagated",
     "replayed": "exemplars replayed from earlier updates",
 }
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from cl_service.learning.data import ImageTensors
+from cl_service.learning.data import ImageTensors, balanced_batches
 from cl_service.learning.ewc import OnlineEWC
 from cl_service.learning.model import InspectionModel
 from cl_service.learning.settings import ModelConfig, UpdateSettings
-from cl_service.learning.update import _labeled_batch_size, _Set, _train
+from cl_service.learning.update import _batch_share, _Set, _train
 
 CONFIG = ModelConfig(image_size=32, backbone="resnet10t", pretrained="none")
 
@@ -24,10 +24,21 @@ def _set(targets: list[int]) -> _Set:
 def test_labels_of_one_new_class_get_its_share_of_the_batch() -> None:
     new = _set([2] * 30)
     replay = _set([0] * 10 + [1] * 10)
-    assert _labeled_batch_size(new, replay, 30) == 10  # one class of three
-    assert _labeled_batch_size(_set([0, 1, 2] * 10), replay, 30) == 30  # the labels cover every class
-    assert _labeled_batch_size(new, _set([]), 30) == 30  # cold start: nothing replayed
-    assert _labeled_batch_size(_set([2]), _set(list(range(2)) * 40 + list(range(2, 80))), 32) == 1  # at least one
+    none = _set([])
+    assert _batch_share(new, [new, none, replay], 30) == 10  # one class of three
+    labels = _set([0, 1, 2] * 10)
+    assert _batch_share(labels, [labels, none, replay], 30) == 30  # the labels cover every class
+    assert _batch_share(new, [new, none, none], 30) == 30  # cold start: nothing replayed
+    one, many = _set([2]), _set(list(range(2)) * 40 + list(range(2, 80)))
+    assert _batch_share(one, [one, none, many], 32) == 1  # at least one
+
+
+def test_pseudo_labels_of_the_new_classes_get_their_share_too() -> None:
+    new, replay = _set([3] * 8), _set([0] * 10 + [1] * 10 + [2] * 10)
+    pseudo = _set([3] * 60 + [4] * 20 + [0] * 2)  # propagated labels of the new classes, two of the teacher's
+    parts = [new, pseudo, replay]
+    assert _batch_share(pseudo, parts, 30) == 18  # three classes of five
+    assert _batch_share(new, parts, 30) == 6  # one class of five: class 4 came by pseudo-labels alone
 
 
 def test_an_update_on_a_few_new_labels_still_takes_min_steps_steps() -> None:
@@ -59,3 +70,14 @@ def test_an_update_on_a_few_new_labels_still_takes_min_steps_steps() -> None:
     # 12 labels in batches of 4 (a third of 12) are 3 steps per epoch, 6 in two epochs: min_steps raises it to 7
     assert steps == list(range(1, 8))
     assert sizes == [[4 + 12]] * 7  # 4 labeled + 12 replayed per step
+
+
+def test_balanced_batches_even_out_classes_and_plain_ones_follow_the_data() -> None:
+    labels = [0] * 90 + [1] * 10
+    drawn = {
+        balanced: torch.cat(list(balanced_batches(labels, 50, 40, torch.Generator().manual_seed(0), balanced)))
+        for balanced in (True, False)
+    }
+    share_of_rare = {balanced: float((drawn[balanced] >= 90).float().mean()) for balanced in drawn}
+    assert 0.45 < share_of_rare[True] < 0.55  # balanced: half the draws from the 10 rare images
+    assert 0.07 < share_of_rare[False] < 0.13  # plain: about their 10%
