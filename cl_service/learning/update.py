@@ -197,6 +197,7 @@ def _run(
     pseudo_rows: list[SnapshotRow] = []
     pseudo_targets: list[int] = []
     pseudo_judged: dict[str, int] = {}  # the teacher's top class of every image it judged
+    teacher_kept: dict[str, int] = {}  # the pseudo-labels its thresholds kept, per class
     # Images the inspector flagged as unlike anything known are not the teacher's to label: it would file a
     # new defect type under the nearest known class, and teach the student exactly that confusion.
     flagged = anomalous_sample_ids(store, [r.sample_id for r in new_unlabeled]) if teacher is not None else set()
@@ -221,7 +222,11 @@ def _run(
         probs = F.pad(probs, (0, len(classes) - probs.shape[1]))  # the teacher never predicts the new classes
         labels = PseudoLabeler(thresholds, teacher_version=live_row.version).label(probs)
         pseudo_judged = dict(Counter(classes[i] for i in probs.argmax(dim=1).tolist()))
-        kept += [(row, label.class_name, label.confidence) for row, label in zip(judged, labels, strict=True) if label]
+        by_teacher = [
+            (row, label.class_name, label.confidence) for row, label in zip(judged, labels, strict=True) if label
+        ]
+        teacher_kept = dict(Counter(name for _, name, _ in by_teacher))
+        kept += by_teacher
         report("teacher", len(judged), len(judged), {"accepted": float(len(kept))})
     if kept:
         assert live_row is not None
@@ -313,7 +318,8 @@ def _run(
         # A first model learns from labels only: the unlabeled images it saw are still new to the next update's teacher.
         "watermark": {"sample_id": snapshot.max_sample_id if teacher else 0, "label_id": snapshot.max_label_id},
         "counts": counts,
-        "pseudo_accepted": pseudo_counts,
+        "pseudo_accepted": teacher_kept,
+        "pseudo_propagated": dict(Counter(found.label for _, found in propagated)),
         "pseudo_judged": pseudo_judged,
         "timings": timings,
         "settings": settings.model_dump(mode="json"),

@@ -387,9 +387,11 @@ def pseudo_section(report: dict[str, Any], row: ModelVersionRow) -> Html:
     judged_raw, accepted_raw = report.get("pseudo_judged"), report.get("pseudo_accepted")
     judged = {str(k): int(v) for k, v in judged_raw.items()} if isinstance(judged_raw, dict) else None
     accepted = {str(k): int(v) for k, v in accepted_raw.items()} if isinstance(accepted_raw, dict) else {}
+    propagated_raw = report.get("pseudo_propagated")
+    propagated = {str(k): int(v) for k, v in propagated_raw.items()} if isinstance(propagated_raw, dict) else {}
     if row.parent_version is None:
         parts.append(note("This is the first model: there was no teacher, so no pseudo-labels."))
-    elif not accepted and not judged:
+    elif not accepted and not judged and not propagated:
         parts.append(
             note(
                 "The teacher kept no pseudo-labels in this update (no new unlabeled images it was asked "
@@ -404,10 +406,12 @@ def pseudo_section(report: dict[str, Any], row: ModelVersionRow) -> Html:
                     "pseudo-labels are shown, without acceptance rates."
                 )
             )
-        parts.append(pseudo_table(list(row.classes), judged, accepted))
-        if any(accepted.values()) or (judged and any(judged.values())):
-            names = _ordered(list(row.classes), [*(judged or {}), *accepted])
+        parts.append(pseudo_table(list(row.classes), judged, accepted, propagated))
+        if any(accepted.values()) or any(propagated.values()) or (judged and any(judged.values())):
+            names = _ordered(list(row.classes), [*(judged or {}), *accepted, *propagated])
             series: dict[str, Sequence[float | None]] = {"kept": [accepted.get(n, 0) for n in names]}
+            if propagated:
+                series["propagated"] = [propagated.get(n, 0) for n in names]
             if judged is not None:
                 series = {"judged (teacher's top class)": [judged.get(n, 0) for n in names], **series}
             parts.append(image(charts.grouped_bars(names, series, ylabel="images"), "pseudo-labels per class"))
@@ -420,22 +424,34 @@ def _ordered(classes: Sequence[str], names: Sequence[str]) -> list[str]:
     return [c for c in classes] + sorted(set(names) - set(classes))
 
 
-def pseudo_table(classes: Sequence[str], judged: dict[str, int] | None, accepted: dict[str, int]) -> Html:
-    """Per class: images the teacher judged as that class, pseudo-labels kept, and the share kept."""
+def pseudo_table(
+    classes: Sequence[str],
+    judged: dict[str, int] | None,
+    accepted: dict[str, int],
+    propagated: dict[str, int] | None = None,
+) -> Html:
+    """Per class: images the teacher judged as that class, pseudo-labels it kept, and the share kept; then the
+    labels propagated from a new class's labelled images (images the teacher did not judge), when there are any."""
+    propagated = propagated or {}
+    extra = bool(propagated)
     rows: list[list[object]] = []
-    for name in _ordered(classes, [*(judged or {}), *accepted]):
+    for name in _ordered(classes, [*(judged or {}), *accepted, *propagated]):
         kept = accepted.get(name, 0)
+        tail: list[object] = [propagated.get(name, 0)] if extra else []
         if judged is None:
-            rows.append([name, kept])
+            rows.append([name, kept, *tail])
             continue
         seen = judged.get(name, 0)
-        rows.append([name, seen, kept, pct(kept / seen) if seen else "n/a"])
+        rows.append([name, seen, kept, pct(kept / seen) if seen else "n/a", *tail])
     total_kept = sum(accepted.values())
+    total_tail: list[object] = [sum(propagated.values())] if extra else []
+    column: list[str] = ["propagated (new class's neighbours)"] if extra else []
     if judged is None:
-        return table(["class", "kept"], [*rows, ["total", total_kept]], numeric=(1,))
+        return table(["class", "kept", *column], [*rows, ["total", total_kept, *total_tail]], numeric=(1, 2))
     total_seen = sum(judged.values())
-    rows.append(["total", total_seen, total_kept, pct(total_kept / total_seen) if total_seen else "n/a"])
-    return table(["class", "judged (teacher's top class)", "kept", "acceptance rate"], rows, numeric=(1, 2, 3))
+    rows.append(["total", total_seen, total_kept, pct(total_kept / total_seen) if total_seen else "n/a", *total_tail])
+    headers = ["class", "judged (teacher's top class)", "kept", "acceptance rate", *column]
+    return table(headers, rows, numeric=(1, 2, 3, 4))
 
 
 def counts_table(counts: object) -> Html:

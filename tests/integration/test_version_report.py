@@ -213,6 +213,8 @@ def test_version_reports_show_the_update_the_anomaly_model_and_the_alerts(tmp_pa
     pseudo = _table_with(parsed, "judged (teacher's top class)", "kept", "acceptance rate")
     for name, judged in report["pseudo_judged"].items():
         assert _row(pseudo, name)[1:3] == [str(judged), str(report["pseudo_accepted"].get(name, 0))]
+    for name, count in report["pseudo_propagated"].items():  # labels taken from a new class's neighbours
+        assert _row(pseudo, name)[4] == str(count)
     counts = _table_with(parsed, "count", "images", "meaning")
     for key, value in report["counts"].items():
         assert _row(counts, key)[1] == str(value)
@@ -269,6 +271,26 @@ def test_version_reports_show_the_update_the_anomaly_model_and_the_alerts(tmp_pa
     assert 'class="badge pruned"' in pruned and "its report.json is gone" in pruned and "folder is gone" in pruned
     assert not repository.folder("v0001").exists()
     store.close()
+
+
+def test_the_pseudo_label_table_shows_propagated_labels_beside_the_teachers() -> None:
+    rows = _table_with(
+        _parse(str(pseudo_table(["crack", "pit"], {"crack": 10}, {"crack": 8}, {"pit": 5}))),
+        "judged (teacher's top class)",
+        "propagated (new class's neighbours)",
+    )
+    assert rows[1:] == [
+        ["crack", "10", "8", "80.0%", "0"],
+        ["pit", "0", "0", "n/a", "5"],
+        ["total", "10", "8", "80.0%", "5"],
+    ]
+    plain = _parse(str(pseudo_table(["crack"], {"crack": 10}, {"crack": 8})))  # nothing propagated: no column
+    assert _table_with(plain, "judged (teacher's top class)")[0] == [
+        "class",
+        "judged (teacher's top class)",
+        "kept",
+        "acceptance rate",
+    ]
 
 
 def test_user_text_is_escaped_in_tables_and_drawn_literally_in_figures() -> None:
