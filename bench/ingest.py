@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 import statistics
 import struct
 import subprocess
@@ -158,6 +159,8 @@ def main() -> int:
         asyncio.run(_serve_echo(int(sys.argv[2])))
         return 0
 
+    # `kill` (SIGTERM) ends the run through the `finally` below, which stops both servers and removes their folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     factory = ImageFactory()
     print(f"images: {IMAGE_SIDE}x{IMAGE_SIDE} greyscale PNG, {factory.size:,} bytes each", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=Path.cwd()) as tmp:
