@@ -4,9 +4,10 @@ Every strategy first splits the budget between classes (`class_quotas`: equal sh
 class cannot use goes to the others), then picks within each class:
 
 - "class_balanced_reservoir" (default): a uniform random sample of each class. Each sample gets a
-  random key from a seeded counter-based generator (SplitMix64 of seed and sample id) and a class keeps
-  the samples with the smallest keys: reservoir sampling with random priorities. Being a function of
-  (seed, sample id) only, the choice does not depend on the order of arrival, and selecting from
+  random key from a seeded counter-based generator (SplitMix64 of the seed and the image's content
+  hash; of its sample id when the candidate carries no hash) and a class keeps the samples with the
+  smallest keys: reservoir sampling with random priorities. Being a function of (seed, content) only,
+  the choice does not depend on the order of arrival (sample ids do), and selecting from
   (current exemplars + new samples) gives what selecting from the whole history would, as long as no
   quota grows. The buffer therefore stays stable across updates and keeps its stored logits.
 - "herding": iCaRL herding: greedily pick the sample that keeps the picked set's mean closest to the
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, RowMapping, bindparam, delete, func, insert, select, update
 
-from replay_store.models import EMBEDDINGS, EXEMPLARS, as_utc, utcnow
+from replay_store.models import EMBEDDINGS, EXEMPLARS, SAMPLES, as_utc, utcnow
 from replay_store.replay_index import EngineSource, engine_of, normalized
 from replay_store.store import Store
 
@@ -45,12 +46,13 @@ FloatArray = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class Candidate:
-    """A sample that may become an exemplar: its id, its (effective) class and, for herding and
-    k-center, its embedding."""
+    """A sample that may become an exemplar: its id, its (effective) class, for herding and k-center its
+    embedding, and its content hash (sha256 hex), on which the reservoir keys when it is set."""
 
     sample_id: int
     class_name: str
     embedding: npt.NDArray[Any] | None = None
+    content: str = ""
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -82,10 +84,10 @@ def class_quotas(counts: Mapping[str, int], budget: int) -> dict[str, int]:
     return quotas
 
 
-def reservoir_keys(sample_ids: npt.ArrayLike, seed: int) -> npt.NDArray[np.uint64]:
-    """A uniform random 64-bit key per sample id, a pure function of (seed, id): SplitMix64."""
+def reservoir_keys(counters: npt.ArrayLike, seed: int) -> npt.NDArray[np.uint64]:
+    """A uniform random 64-bit key per counter (non-negative int64), a pure function of (seed, counter): SplitMix64."""
     with np.errstate(over="ignore"):
-        x = np.asarray(sample_ids, dtype=np.int64).astype(np.uint64)
+        x = np.asarray(counters, dtype=np.int64).astype(np.uint64)
         x = x + np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -134,7 +136,9 @@ def kcenter_order(embeddings: npt.ArrayLike, k: int) -> list[int]:
 
 def _reservoir(members: Sequence[Candidate], quota: int, seed: int) -> list[int]:
     ids = np.array([member.sample_id for member in members], dtype=np.int64)
-    return [int(i) for i in np.lexsort((ids, reservoir_keys(ids, seed)))[:quota]]
+    # The first 63 bits of the content hash: the same image draws the same key whenever it arrived.
+    counters = np.array([int(m.content[:16], 16) >> 1 if m.content else m.sample_id for m in members], dtype=np.int64)
+    return [int(i) for i in np.lexsort((ids, reservoir_keys(counters, seed)))[:quota]]
 
 
 def _by_embedding(
@@ -199,7 +203,11 @@ def candidates_from_store(
     `exclude` holds sample ids never to replay (the validation split).
     """
     labels = Store.effective_label_query().subquery()
-    query = select(labels.c.sample_id, labels.c.class_name).where(labels.c.source.in_(list(sources)))
+    query = (
+        select(labels.c.sample_id, labels.c.class_name, SAMPLES.c.sha256)
+        .join(SAMPLES, SAMPLES.c.id == labels.c.sample_id)
+        .where(labels.c.source.in_(list(sources)))
+    )
     if model_version is not None:
         table = EMBEDDINGS
         query = query.add_columns(table.c.vector).join(
@@ -212,7 +220,8 @@ def candidates_from_store(
         Candidate(
             int(row[0]),
             str(row[1]),
-            None if model_version is None else np.frombuffer(bytes(row[2]), dtype="<f4").astype(np.float32),
+            None if model_version is None else np.frombuffer(bytes(row[3]), dtype="<f4").astype(np.float32),
+            str(row[2]),
         )
         for row in rows
         if int(row[0]) not in skip

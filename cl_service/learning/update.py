@@ -152,10 +152,11 @@ def _run(
     live_row = repository.live()
     snapshot = store.snapshot()
     human_train, validation = split_validation(snapshot.human, settings.val_fraction, settings.val_max_per_class)
+    human_train = _in_content_order(human_train)
     watermark: dict[str, int] = dict(live_row.metrics.get("watermark", {})) if live_row else {}
     new_labeled = [r for r in human_train if r.label_id > watermark.get("label_id", 0)]
     new_unlabeled = [r for r in snapshot.unlabeled if r.sample_id > watermark.get("sample_id", 0)]
-    new_unlabeled = new_unlabeled[-settings.max_unlabeled :] if settings.max_unlabeled else []
+    new_unlabeled = _in_content_order(new_unlabeled[-settings.max_unlabeled :] if settings.max_unlabeled else [])
     by_id = {row.sample_id: row for row in snapshot.rows}
 
     teacher: InspectionModel | None = None
@@ -408,6 +409,13 @@ def near_new_labels(
     return found
 
 
+def _in_content_order(rows: Sequence[SnapshotRow]) -> list[SnapshotRow]:
+    """Rows ordered by their image's content hash. Sample ids follow the order in which ingest committed
+    the images, which varies between two sends of the same stream (images are decoded in parallel); training
+    in content order makes the seed reproduce a model from the same images and labels, whatever their order."""
+    return sorted(rows, key=lambda row: (row.sha256, row.sample_id))
+
+
 def _labeled_set(images: ImageTensors, rows: list[SnapshotRow], index_of: dict[str, int]) -> _Set:
     rows = [row for row in rows if row.label in index_of]
     targets = torch.tensor([index_of[row.label or ""] for row in rows], dtype=torch.long)
@@ -420,10 +428,10 @@ def _replay_set(
     rows: list[SnapshotRow] = []
     targets: list[int] = []
     logits: list[Tensor | None] = []
-    for exemplar in exemplars:
-        row = by_id.get(exemplar.sample_id)
-        label = row.label if row is not None and row.label else exemplar.class_name
-        if row is None or label not in index_of:
+    stored_rows = [(by_id[e.sample_id], e) for e in exemplars if e.sample_id in by_id]
+    for row, exemplar in sorted(stored_rows, key=lambda pair: (pair[0].sha256, pair[0].sample_id)):
+        label = row.label or exemplar.class_name
+        if label not in index_of:
             continue
         rows.append(row)
         targets.append(index_of[label])
@@ -634,7 +642,7 @@ def _after_acceptance(
 
     position = {row.sample_id: i for i, row in enumerate(ordered)}
     candidates = [
-        Candidate(row.sample_id, row.label or "", embeddings[position[row.sample_id]].numpy())
+        Candidate(row.sample_id, row.label or "", embeddings[position[row.sample_id]].numpy(), row.sha256)
         for row in [*replay.rows, *labeled.rows]
         if row.label
     ]

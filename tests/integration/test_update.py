@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from cl_service.engines.base import EngineError
 from cl_service.engines.export import ONNX_FILE
@@ -38,6 +40,10 @@ SETTINGS = UpdateSettings(
 
 
 def _ingest(store: Store, classes: tuple[str, ...], count: int, *, start: int, labeled_every: int) -> None:
+    store.add_samples(_samples(classes, count, start=start, labeled_every=labeled_every))
+
+
+def _samples(classes: tuple[str, ...], count: int, *, start: int, labeled_every: int) -> list[NewSample]:
     generator = SurfaceGenerator(SurfaceConfig(width=64, height=64, classes=classes, seed=start))
     batch = []
     for image in generator.stream(0, count):
@@ -55,7 +61,7 @@ def _ingest(store: Store, classes: tuple[str, ...], count: int, *, start: int, l
                 label=image.label if labeled else None,
             )
         )
-    store.add_samples(batch)
+    return batch
 
 
 def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_path: Path) -> None:
@@ -65,7 +71,7 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
     with pytest.raises(UpdateSkippedError, match="cold start needs"):
         run_update(store, repository, SETTINGS)
 
-    _ingest(store, ("good", "scratch"), 100, start=0, labeled_every=1)
+    _ingest(store, ("good", "scratch"), 200, start=0, labeled_every=1)
     first = run_update(
         store, repository, SETTINGS, engine_check=lambda v: prebuild(store, repository, v, "onnxruntime")
     )
@@ -74,7 +80,8 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
     assert '"ok": true' in (repository.folder("v0001") / ENGINES_FILE).read_text()
     assert first.parent is None and first.version == "v0001"
     assert first.candidate is not None and first.candidate.n >= 10
-    assert first.candidate.accuracy >= 0.8, first.candidate.to_dict()  # scratches are easy to see
+    # scratches are easy to see: 0.80-0.89 over seeds 0-3 (35 validation images; with 100 images and 15, 0.47-0.87)
+    assert first.candidate.accuracy >= 0.8, first.candidate.to_dict()
     live = repository.live()
     assert live is not None and live.version == "v0001" and live.classes == ["good", "scratch"]
     folder = repository.folder("v0001")
@@ -130,6 +137,41 @@ def test_cold_start_then_a_new_class_is_learned_without_losing_the_old_ones(tmp_
             labels = store.labels_of(snapshot_row.sample_id)
             assert {label.source for label in labels} == {"pseudo"}
     store.close()
+
+
+def test_the_same_images_in_another_order_give_the_same_model(tmp_path: Path) -> None:
+    """Ingest commits images as their decoding finishes, so sample ids differ between two sends of one stream;
+    the seed must still reproduce the model (training rows, exemplars and pseudo-labels go by content)."""
+    settings = SETTINGS.model_copy(update={"epochs": 2})
+    first = _samples(("good", "scratch"), 40, start=0, labeled_every=1)
+    second = _samples(("good", "scratch", "pit"), 40, start=1000, labeled_every=2)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, order in (("arrival", lambda batch: batch), ("reversed", lambda batch: batch[::-1])):
+        store = Store.open(store_url(tmp_path / name), tmp_path / name / "blobs")
+        repository = ModelRepository(tmp_path / name / "models", store)
+        store.add_samples(order(first))
+        run_update(store, repository, settings)
+        store.add_samples(order(second))
+        result = run_update(store, repository, settings)
+        content = {row.sample_id: row.sha256 for row in store.snapshot().rows}
+        runs[name] = {
+            "ids": {sha: sample_id for sample_id, sha in content.items()},
+            "counts": (result.counts, result.pseudo_accepted),
+            "exemplars": sorted(content[i] for i in ReplayBuffer(store, settings.replay_budget).sample_ids()),
+            "pseudo": sorted(
+                (content[r.sample_id], r.label) for r in store.snapshot().rows if r.source is LabelSource.PSEUDO
+            ),
+            "weights": repository.load_model(result.version).state_dict(),
+        }
+        store.close()
+    one, two = runs["arrival"], runs["reversed"]
+    assert one["ids"] != two["ids"]  # the same images under other sample ids
+    assert one["counts"] == two["counts"]
+    assert one["exemplars"] == two["exemplars"] and one["exemplars"]
+    assert one["pseudo"] == two["pseudo"] and one["pseudo"]
+    assert one["weights"].keys() == two["weights"].keys()
+    different = [key for key in one["weights"] if not torch.equal(one["weights"][key], two["weights"][key])]
+    assert not different, f"{len(different)} of {len(one['weights'])} tensors differ, e.g. {different[:3]}"
 
 
 def test_the_gate_rejects_a_damaged_candidate_and_the_live_model_stays(tmp_path: Path) -> None:

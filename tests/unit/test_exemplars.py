@@ -97,6 +97,19 @@ def test_the_reservoir_depends_on_the_seed_and_is_uniform() -> None:
     assert np.allclose(kept / 4000, 0.25, atol=0.03), kept / 4000
 
 
+def test_the_reservoir_keeps_the_same_images_whatever_sample_ids_they_arrived_under() -> None:
+    contents = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(40)]
+    arrival = [Candidate(i + 1, "a", content=content) for i, content in enumerate(contents)]
+    reversed_ids = [Candidate(40 - i, "a", content=content) for i, content in enumerate(contents)]
+    kept = {c.content for c in select_exemplars(arrival, 8, seed=3)}
+    assert kept == {c.content for c in select_exemplars(reversed_ids, 8, seed=3)}
+    assert kept != {c.content for c in select_exemplars(arrival, 8, seed=4)}
+    # without content hashes the pick follows the sample ids
+    plain = {contents[c.sample_id - 1] for c in select_exemplars([Candidate(c.sample_id, "a") for c in arrival], 8)}
+    swapped = {contents[40 - c.sample_id] for c in select_exemplars([Candidate(c.sample_id, "a") for c in arrival], 8)}
+    assert plain != swapped
+
+
 def test_the_reservoir_streams_selecting_from_the_buffer_and_new_samples_equals_the_whole_history() -> None:
     history = _candidates({"a": 300, "b": 200, "c": 8})
     buffer = select_exemplars(history[:400], 30, seed=11)
