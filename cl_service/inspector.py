@@ -217,8 +217,8 @@ class Inspector:
         """Score the next stored samples with the live version; returns how many were scored.
 
         Only the holder of the inspector lease scores (several servers on one store would record every alert
-        twice); it renews the lease with each batch, and another process takes over within `lease_s` of it
-        stopping."""
+        twice); it renews the lease once half of it has passed, and another process takes over within `lease_s`
+        of it stopping."""
         if not self._hold_lease():
             return 0
         loaded = self._live()

@@ -93,15 +93,25 @@ class _StoreCollector(Collector):
             seconds = (last[1] - last[0]).total_seconds()
             yield _gauge("cl_update_last_duration_seconds", "Duration of the latest finished update run.", seconds)
         counts: dict[str, Any] = (report or {}).get("counts", {}) if isinstance(report, dict) else {}
-        left_out = counts.get("unlabeled_flagged_unknown", 0) + counts.get("unlabeled_near_new_class", 0)
-        left_out -= counts.get("pseudo_propagated", 0)  # near a new class and labelled as it
-        judged = counts.get("new_unlabeled", 0) - left_out
-        if judged > 0:
+        ratio = pseudo_label_acceptance(counts)
+        if ratio is not None:
             yield _gauge(
                 "cl_pseudo_label_acceptance_ratio",
                 "Share of the unlabeled images the live version's update judged that got a pseudo-label.",
-                counts.get("pseudo_accepted", 0) / judged,
+                ratio,
             )
+
+
+def pseudo_label_acceptance(counts: dict[str, Any]) -> float | None:
+    """Pseudo-labelled / judged unlabeled images of an update report's counts (None: it judged none).
+
+    Judged: the new unlabeled images less those flagged as unknown defects and those next to a new class
+    (neither is the teacher's to label), plus those of the latter that took the new class by propagation;
+    `pseudo_accepted` counts the teacher's and the propagated labels."""
+    left_out = counts.get("unlabeled_flagged_unknown", 0) + counts.get("unlabeled_near_new_class", 0)
+    left_out -= counts.get("pseudo_propagated", 0)
+    judged = counts.get("new_unlabeled", 0) - left_out
+    return counts.get("pseudo_accepted", 0) / judged if judged > 0 else None
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cl_service.api.server import server_in_thread
 from cl_service.client import CameraClient, CameraImage, Client
 from cl_service.config import load_settings
+from cl_service.metrics import pseudo_label_acceptance
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 
 pytestmark = pytest.mark.integration
@@ -55,3 +56,17 @@ def test_metrics_follow_the_traffic(tmp_path: Path) -> None:
     assert after[("cl_alerts_open", ())] == 0 and after[("cl_replay_buffer_exemplars", ())] == 0
     assert after[("cl_classify_queue_depth", ())] == 0 and after[("cl_blob_bytes", ())] > 0
     assert not any(name == "cl_live_model_info" for name, _ in after)  # no model yet
+
+
+def test_the_pseudo_label_acceptance_ratio_counts_only_what_was_judged() -> None:
+    counts = {
+        "new_unlabeled": 100,
+        "unlabeled_flagged_unknown": 10,  # not the teacher's to label
+        "unlabeled_near_new_class": 30,  # next to a new class: 20 took it by propagation, 10 stayed unlabeled
+        "pseudo_propagated": 20,
+        "pseudo_accepted": 50,  # 30 kept by the teacher of the 60 it judged, and the 20 propagated
+    }
+    assert pseudo_label_acceptance(counts) == pytest.approx(50 / 80)
+    assert pseudo_label_acceptance({**counts, "pseudo_propagated": 0, "pseudo_accepted": 30}) == pytest.approx(0.5)
+    assert pseudo_label_acceptance({"new_unlabeled": 5, "unlabeled_flagged_unknown": 5}) is None
+    assert pseudo_label_acceptance({}) is None  # a first model: nothing judged
