@@ -126,5 +126,9 @@ class UpdateSettings(BaseModel):
     cold_start_min_per_class: int = Field(5, ge=1, description="Human labels a class needs before the first model.")
     cold_start_min_classes: int = Field(2, ge=1, description="Classes with enough labels before the first model.")
     cold_start_min_accuracy: float = Field(0.5, ge=0, le=1, description="Validation accuracy the first model needs.")
-    seed: int = Field(0, description="Seed of sampling, augmentation and initialisation.")
+    seed: int = Field(
+        0,
+        description="Seed of sampling, augmentation and initialisation: the same images, labels and seed give the "
+        "same model, whatever order the images arrived in.",
+    )
     threads: int = Field(0, ge=0, description="torch threads for training (0: torch's default).")
