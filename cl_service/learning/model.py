@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -108,9 +109,11 @@ class InspectionModel(nn.Module):
         embedding, _ = self.forward_features_and_logits(x)
         return F.normalize(embedding.float(), dim=1).contiguous()
 
-    def grow(self, new_class_names: Sequence[str]) -> tuple[int, ...]:
+    def grow(self, new_class_names: Sequence[str], generator: torch.Generator | None = None) -> tuple[int, ...]:
         """Append classes; return their output indices. Old head rows (weights, biases) are copied unchanged.
 
+        New rows are drawn as nn.Linear draws them, from `generator` when given (else torch's global generator,
+        which other threads of the process may draw from meanwhile).
         ValueError for a name already known, repeated, or breaking the naming rule. An empty list changes nothing.
         """
         names = _checked_new_classes(self._classes, new_class_names)
@@ -121,6 +124,10 @@ class InspectionModel(nn.Module):
             old.in_features, old.out_features + len(names), device=old.weight.device, dtype=old.weight.dtype
         )
         with torch.no_grad():
+            if generator is not None:  # nn.Linear's own init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
+                bound = 1.0 / math.sqrt(old.in_features)
+                head.weight.uniform_(-bound, bound, generator=generator)
+                head.bias.uniform_(-bound, bound, generator=generator)
             head.weight[: old.out_features].copy_(old.weight)
             head.bias[: old.out_features].copy_(old.bias)
         head.weight.requires_grad_(old.weight.requires_grad)

@@ -187,7 +187,7 @@ def _run(
         else:
             thresholds = _new_thresholds(model.classes, settings)
         new_classes = sorted({r.label for r in human_train if r.label} - set(model.classes))
-        model.grow(new_classes)
+        model.grow(new_classes, generator)
         thresholds.add_classes(new_classes)
         exemplars = ReplayBuffer(store, settings.replay_budget).load()
     classes = list(model.classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -241,6 +242,20 @@ def test_growing_the_head_keeps_old_logits_exactly() -> None:
     model.train()
     model(x).logsumexp(1).mean().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.shape == (4, 1280)
+
+
+def test_new_head_rows_come_from_the_given_generator_whatever_the_global_one_did() -> None:
+    rows = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # another thread may have drawn from the global generator meanwhile
+        model = InspectionModel(SMALL, ["good", "scratch"])
+        old = model.head.weight.detach().clone()
+        model.grow(["pit"], torch.Generator().manual_seed(7))
+        assert torch.equal(model.head.weight[:2], old)
+        rows.append((model.head.weight[2].detach().clone(), model.head.bias[2].detach().clone()))
+    assert torch.equal(rows[0][0], rows[1][0]) and torch.equal(rows[0][1], rows[1][1])
+    bound = 1.0 / math.sqrt(1280)  # nn.Linear's own init range
+    assert rows[0][0].abs().max() <= bound and rows[0][0].std() > bound / 3
 
 
 @pytest.mark.parametrize(
