@@ -97,8 +97,9 @@ def run_ours(
     seconds: list[float] = []
     details: list[dict[str, Any]] = []
     # An evaluation keeps its own SQLite store in data_dir, whatever the environment says. It fits no anomaly model,
-    # so the inspector would only score images into predictions nobody reads, on the same cores as the update: its
-    # threads made an update's float results depend on their timing (the same images and seed gave 94.6% and 92.7%).
+    # so the inspector would only score images into predictions nobody reads, on the update's cores (and torch
+    # threads beside the update's: with it, and the head grown from torch's global generator, one stream sent twice
+    # gave different models; with neither, the same model to the bit).
     service = load_settings(
         data_dir=data_dir,
         database_url="",
