@@ -363,20 +363,15 @@ def _unary(
             await guard(context)
             if isinstance(request, Malformed):
                 raise request.error()
-            return await method(request, context)
-        except ServiceError as exc:
-            timing.failed(exc)
-            await _abort(context, exc)
+            response = await method(request, context)
         except asyncio.CancelledError:
-            timing.code = "CANCELLED"
+            timing.cancelled()
             raise
-        except Exception as exc:  # noqa: BLE001 - answered and logged by _unexpected
-            error = _unexpected(exc, method)
-            timing.failed(error)
-            await _abort(context, error)
-        finally:
-            timing.done()
-        raise AssertionError("unreachable: abort raises")
+        except Exception as exc:
+            await _fail(context, timing, exc, method)
+            raise AssertionError("unreachable: abort raises") from exc
+        timing.done()
+        return response
 
     return handle
 
@@ -394,20 +389,26 @@ def _streaming(
                 raise request.error()
             async for item in method(request, context):
                 yield item
-        except ServiceError as exc:
-            timing.failed(exc)
-            await _abort(context, exc)
-        except asyncio.CancelledError:
-            timing.code = "CANCELLED"
+        except (asyncio.CancelledError, GeneratorExit):
+            timing.cancelled()
             raise
-        except Exception as exc:  # noqa: BLE001 - answered and logged by _unexpected
-            error = _unexpected(exc, method)
-            timing.failed(error)
-            await _abort(context, error)
-        finally:
+        except Exception as exc:  # noqa: BLE001 - a ServiceError is answered as such, anything else by _unexpected
+            await _fail(context, timing, exc, method)
+        else:
             timing.done()
 
     return handle
+
+
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], timing: _Timing, exc: Exception, method: Callable[..., Any]
+) -> None:
+    """Answers a failed call with its error. The call's time is recorded first: the client sees the status as soon as
+    the abort sends it, and a metrics scrape made after that must already count the call."""
+    error = exc if isinstance(exc, ServiceError) else _unexpected(exc, method)
+    timing.failed(error)
+    timing.done()
+    await _abort(context, error)
 
 
 def _unexpected(exc: Exception, method: Callable[..., Any]) -> ServiceError:
@@ -501,6 +502,10 @@ class _Timing:
 
     def failed(self, exc: ServiceError) -> None:
         self.code = exc.code.name
+
+    def cancelled(self) -> None:
+        self.code = "CANCELLED"
+        self.done()
 
     def done(self) -> None:
         self.observe(self.method, self.code, time.perf_counter() - self.started)
