@@ -21,6 +21,7 @@ the order of the input.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,19 +41,25 @@ STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 DEFAULT_STRATEGY: StrategyName = "class_balanced_reservoir"
 HUMAN_SOURCES = ("operator", "camera")
 _IN_CHUNK = 500
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A sample that may become an exemplar: its id, its (effective) class, for herding and k-center its
-    embedding, and its content hash (sha256 hex), on which the reservoir keys when it is set."""
+    """A sample that may become an exemplar: its id, its (effective) class, its image's content hash (sha256 hex:
+    the reservoir keys on it, so the same image is kept whatever sample id it arrived under) and, for herding
+    and k-center, its embedding."""
 
     sample_id: int
     class_name: str
+    content: str
     embedding: npt.NDArray[Any] | None = None
-    content: str = ""
+
+    def __post_init__(self) -> None:
+        if not _SHA256.fullmatch(self.content):
+            raise ValueError(f"sample {self.sample_id}: content must be the image's sha256 (64 hex digits)")
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -137,7 +144,7 @@ def kcenter_order(embeddings: npt.ArrayLike, k: int) -> list[int]:
 def _reservoir(members: Sequence[Candidate], quota: int, seed: int) -> list[int]:
     ids = np.array([member.sample_id for member in members], dtype=np.int64)
     # The first 63 bits of the content hash: the same image draws the same key whenever it arrived.
-    counters = np.array([int(m.content[:16], 16) >> 1 if m.content else m.sample_id for m in members], dtype=np.int64)
+    counters = np.array([int(m.content[:16], 16) >> 1 for m in members], dtype=np.int64)
     return [int(i) for i in np.lexsort((ids, reservoir_keys(counters, seed)))[:quota]]
 
 
@@ -220,8 +227,8 @@ def candidates_from_store(
         Candidate(
             int(row[0]),
             str(row[1]),
-            None if model_version is None else np.frombuffer(bytes(row[3]), dtype="<f4").astype(np.float32),
             str(row[2]),
+            None if model_version is None else np.frombuffer(bytes(row[3]), dtype="<f4").astype(np.float32),
         )
         for row in rows
         if int(row[0]) not in skip

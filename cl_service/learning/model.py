@@ -58,10 +58,20 @@ class InspectionModel(nn.Module):
     """A timm backbone with a growing linear head over `classes` (at least one; names follow the naming rule).
 
     `load_pretrained=False` skips `config.pretrained` (used when a checkpoint supplies every weight anyway).
+    With `generator`, the head is drawn from it rather than from torch's global generator (which other threads of
+    the process may draw from meanwhile); a backbone without pretrained weights still takes timm's init from the
+    global one.
     After `grow` the head is a new module: optimisers must be rebuilt over the new parameters.
     """
 
-    def __init__(self, config: ModelConfig, classes: Sequence[str], *, load_pretrained: bool = True) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        classes: Sequence[str],
+        *,
+        load_pretrained: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         names = _checked_new_classes((), classes)
         if not names:
@@ -77,6 +87,8 @@ class InspectionModel(nn.Module):
         self.config = config.model_copy(update={"embedding_dim": dim})
         self.dropout = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(dim, len(names))
+        if generator is not None:
+            _draw_linear(self.head, generator)
         self._classes = list(names)
         if load_pretrained:
             load_pretrained_backbone(self.backbone, config)
@@ -123,11 +135,9 @@ class InspectionModel(nn.Module):
         head = nn.Linear(
             old.in_features, old.out_features + len(names), device=old.weight.device, dtype=old.weight.dtype
         )
+        if generator is not None:
+            _draw_linear(head, generator)
         with torch.no_grad():
-            if generator is not None:  # nn.Linear's own init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
-                bound = 1.0 / math.sqrt(old.in_features)
-                head.weight.uniform_(-bound, bound, generator=generator)
-                head.bias.uniform_(-bound, bound, generator=generator)
             head.weight[: old.out_features].copy_(old.weight)
             head.bias[: old.out_features].copy_(old.bias)
         head.weight.requires_grad_(old.weight.requires_grad)
@@ -137,6 +147,14 @@ class InspectionModel(nn.Module):
         start = len(self._classes)
         self._classes.extend(names)
         return tuple(range(start, len(self._classes)))
+
+
+@torch.no_grad()
+def _draw_linear(linear: nn.Linear, generator: torch.Generator) -> None:
+    """nn.Linear's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, drawn from `generator`."""
+    bound = 1.0 / math.sqrt(linear.in_features)
+    linear.weight.uniform_(-bound, bound, generator=generator)
+    linear.bias.uniform_(-bound, bound, generator=generator)
 
 
 def _checked_new_classes(known: Sequence[str], names: Sequence[str]) -> list[str]:

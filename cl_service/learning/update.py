@@ -169,7 +169,7 @@ def _run(
                 f"cold start needs {settings.cold_start_min_per_class} human labels in "
                 f"{settings.cold_start_min_classes} classes; training labels per class now: {have}"
             )
-        model = InspectionModel(settings.model, sorted(c for c in per_class if c))
+        model = InspectionModel(settings.model, sorted(c for c in per_class if c), generator=generator)
         ewc = OnlineEWC(settings.ewc_lambda, settings.ewc_decay)
         thresholds = _new_thresholds(model.classes, settings)
         exemplars: list[Exemplar] = []
@@ -409,11 +409,15 @@ def near_new_labels(
     return found
 
 
+def _content_key(row: SnapshotRow) -> tuple[str, int]:
+    """Orders rows by their image's content hash. Sample ids follow the order in which ingest committed the
+    images, which varies between two sends of the same stream (images are decoded in parallel); training in
+    content order makes the seed reproduce a model from the same images and labels, whatever their order."""
+    return row.sha256, row.sample_id
+
+
 def _in_content_order(rows: Sequence[SnapshotRow]) -> list[SnapshotRow]:
-    """Rows ordered by their image's content hash. Sample ids follow the order in which ingest committed
-    the images, which varies between two sends of the same stream (images are decoded in parallel); training
-    in content order makes the seed reproduce a model from the same images and labels, whatever their order."""
-    return sorted(rows, key=lambda row: (row.sha256, row.sample_id))
+    return sorted(rows, key=_content_key)
 
 
 def _labeled_set(images: ImageTensors, rows: list[SnapshotRow], index_of: dict[str, int]) -> _Set:
@@ -429,7 +433,7 @@ def _replay_set(
     targets: list[int] = []
     logits: list[Tensor | None] = []
     stored_rows = [(by_id[e.sample_id], e) for e in exemplars if e.sample_id in by_id]
-    for row, exemplar in sorted(stored_rows, key=lambda pair: (pair[0].sha256, pair[0].sample_id)):
+    for row, exemplar in sorted(stored_rows, key=lambda pair: _content_key(pair[0])):
         label = row.label or exemplar.class_name
         if label not in index_of:
             continue
@@ -642,7 +646,7 @@ def _after_acceptance(
 
     position = {row.sample_id: i for i, row in enumerate(ordered)}
     candidates = [
-        Candidate(row.sample_id, row.label or "", embeddings[position[row.sample_id]].numpy(), row.sha256)
+        Candidate(row.sample_id, row.label or "", row.sha256, embeddings[position[row.sample_id]].numpy())
         for row in [*replay.rows, *labeled.rows]
         if row.label
     ]

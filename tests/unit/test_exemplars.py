@@ -36,9 +36,15 @@ def _candidates(sizes: dict[str, int], dim: int = 8, seed: int = 0) -> list[Cand
         center = np.zeros(dim, dtype=np.float32)
         center[position % dim] = 3.0
         for _ in range(size):
-            candidates.append(Candidate(next_id, name, center + rng.normal(size=dim).astype(np.float32)))
+            candidates.append(
+                Candidate(next_id, name, _content(next_id), center + rng.normal(size=dim).astype(np.float32))
+            )
             next_id += 1
     return candidates
+
+
+def _content(sample_id: int) -> str:
+    return hashlib.sha256(f"image {sample_id}".encode()).hexdigest()
 
 
 def _ids(selection: list[Candidate]) -> list[int]:
@@ -98,16 +104,14 @@ def test_the_reservoir_depends_on_the_seed_and_is_uniform() -> None:
 
 
 def test_the_reservoir_keeps_the_same_images_whatever_sample_ids_they_arrived_under() -> None:
-    contents = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(40)]
-    arrival = [Candidate(i + 1, "a", content=content) for i, content in enumerate(contents)]
-    reversed_ids = [Candidate(40 - i, "a", content=content) for i, content in enumerate(contents)]
+    contents = [_content(i) for i in range(40)]
+    arrival = [Candidate(i + 1, "a", content) for i, content in enumerate(contents)]
+    reversed_ids = [Candidate(40 - i, "a", content) for i, content in enumerate(contents)]
     kept = {c.content for c in select_exemplars(arrival, 8, seed=3)}
     assert kept == {c.content for c in select_exemplars(reversed_ids, 8, seed=3)}
     assert kept != {c.content for c in select_exemplars(arrival, 8, seed=4)}
-    # without content hashes the pick follows the sample ids
-    plain = {contents[c.sample_id - 1] for c in select_exemplars([Candidate(c.sample_id, "a") for c in arrival], 8)}
-    swapped = {contents[40 - c.sample_id] for c in select_exemplars([Candidate(c.sample_id, "a") for c in arrival], 8)}
-    assert plain != swapped
+    with pytest.raises(ValueError, match="sha256"):
+        Candidate(1, "a", "not a hash")
 
 
 def test_the_reservoir_streams_selecting_from_the_buffer_and_new_samples_equals_the_whole_history() -> None:
@@ -160,10 +164,12 @@ def test_bad_requests_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown exemplar strategy"):
         select_exemplars(_candidates({"a": 3}), 2, "random")
     with pytest.raises(ValueError, match="embedding"):
-        select_exemplars([Candidate(1, "a"), Candidate(2, "a")], 1, "herding")
+        select_exemplars([Candidate(1, "a", _content(1)), Candidate(2, "a", _content(2))], 1, "herding")
     with pytest.raises(ValueError, match="twice"):
-        select_exemplars([Candidate(1, "a"), Candidate(1, "b")], 1)
-    assert _ids(select_exemplars([Candidate(1, "a"), Candidate(2, "a")], 1)) in ([1], [2]), "no embedding needed"
+        select_exemplars([Candidate(1, "a", _content(1)), Candidate(1, "b", _content(1))], 1)
+    assert _ids(select_exemplars([Candidate(1, "a", _content(1)), Candidate(2, "a", _content(2))], 1)) in ([1], [2]), (
+        "no embedding needed"
+    )
 
 
 # ------------------------------------------------------------------------------------------ the buffer
@@ -227,10 +233,10 @@ def test_the_buffer_round_trips_with_logits(store: Store) -> None:
 def test_updates_are_capped_checked_and_transactional(store: Store) -> None:
     samples = _labeled_samples(store, {"crack": 4, "good": 4})
     buffer = ReplayBuffer(store.engine, budget=3)
-    first = [Candidate(samples["crack"][0], "crack"), Candidate(samples["good"][0], "good")]
+    first = [Candidate(samples["crack"][0], "crack", _content(1)), Candidate(samples["good"][0], "good", _content(2))]
     buffer.update(first, strategy="herding")
     with pytest.raises(ValueError, match="budget"):
-        buffer.update([Candidate(i, "crack") for i in samples["crack"]], strategy="herding")
+        buffer.update([Candidate(i, "crack", _content(100 + i)) for i in samples["crack"]], strategy="herding")
     with pytest.raises(ValueError, match="twice"):
         buffer.update([first[0], first[0]], strategy="herding")
     with pytest.raises(KeyError, match="not in the replay buffer"):
@@ -241,7 +247,7 @@ def test_updates_are_capped_checked_and_transactional(store: Store) -> None:
 
     buffer.set_logits({first[0].sample_id: [1.0, 2.0]}, ["crack", "good"])
     # An operator corrected the crack exemplar to "good": it stays, under its new class, with its logits.
-    change = buffer.update([Candidate(first[0].sample_id, "good")], strategy="kcenter")
+    change = buffer.update([Candidate(first[0].sample_id, "good", first[0].content)], strategy="kcenter")
     assert change.relabeled == (first[0].sample_id,) and change.removed == (first[1].sample_id,)
     (kept,) = buffer.load()
     assert (kept.class_name, kept.strategy) == ("good", "kcenter")

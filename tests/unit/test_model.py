@@ -258,6 +258,17 @@ def test_new_head_rows_come_from_the_given_generator_whatever_the_global_one_did
     assert rows[0][0].abs().max() <= bound and rows[0][0].std() > bound / 3
 
 
+def test_a_new_models_head_comes_from_the_given_generator_whatever_the_global_one_did() -> None:
+    heads = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        model = InspectionModel(SMALL, ["good", "scratch"], generator=torch.Generator().manual_seed(7))
+        heads.append(torch.cat([model.head.weight.detach().flatten(), model.head.bias.detach()]))
+    assert torch.equal(heads[0], heads[1])
+    torch.manual_seed(0)
+    assert not torch.equal(InspectionModel(SMALL, ["good", "scratch"]).head.weight.detach().flatten(), heads[0][:2560])
+
+
 @pytest.mark.parametrize(
     ("names", "message"),
     [
