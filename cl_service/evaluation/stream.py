@@ -47,12 +47,15 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """How the training images are sent: which share carries labels, and whether the rest is sent at all."""
+    """How the training images are sent: which share carries labels (drawn with `seed`), and whether the rest is
+    sent at all; `update_seed`, when set, replaces the update settings' seed (the same stream learned again with
+    other draws of initialisation, sampling and augmentation)."""
 
     labeled_fraction: float = 1.0
     send_unlabeled: bool = True
     seed: int = 0
     camera_id: str = "eval-camera"
+    update_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.labeled_fraction <= 1.0:
@@ -93,6 +96,8 @@ def run_ours(
 ) -> Result:
     """Every step through ingest and one update; the accuracy matrix of the live model after each."""
     labeled = labeled_subset(stream.split.train, plan.labeled_fraction, plan.seed)
+    if plan.update_seed is not None:
+        settings = settings.model_copy(update={"seed": plan.update_seed})
     matrix = AccuracyMatrix(len(stream.steps))
     seconds: list[float] = []
     details: list[dict[str, Any]] = []
