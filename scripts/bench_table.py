@@ -117,7 +117,7 @@ def stream_eval(r: dict[str, Any]) -> str:
             f"{r.get(f'{prefix}_{strategy}_default_gate_rejections', 0)} of {len(r[f'{prefix}_steps'].split('|')) - 1}"
             f" ({prefix} {strategy})"
             for prefix, _, strategies in STREAMS
-            for strategy in strategies
+            for strategy in _expanded(r, prefix, strategies)
             if strategy.startswith("ours") and f"{prefix}_{strategy}_final_accuracy" in r
         )
         + " incremental updates."
