@@ -18,7 +18,7 @@ default gate (2 points) would have said of each update is recorded beside them:
 Prints markdown tables and writes bench/results/stream_eval.json (flat figures), stream_eval.md (the tables) and
 one PNG plot per stream. Needs ../shared/datasets (xsdd, magnetic_tile) and the bench extra (Avalanche).
 
-    python bench/stream_eval.py            # the whole run (about 90 minutes on 2 cores)
+    python bench/stream_eval.py            # the whole run (90-110 minutes on 2 cores)
     python bench/stream_eval.py --quick    # smoke: few images, small inputs, 1 epoch (results_quick files)
 """
 
