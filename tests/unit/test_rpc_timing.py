@@ -84,3 +84,40 @@ def test_a_call_that_ends_well_is_counted_once_as_ok() -> None:
     handle = _unary(status, _allow, _timed("GetStatus", lambda m, c, s: observed.append((m, c))))
     assert asyncio.run(handle(object(), _Context(observed))) == "answer"  # type: ignore[arg-type]
     assert observed == [("GetStatus", "OK")]
+
+
+def test_a_server_stream_closed_by_its_client_is_counted_once_as_cancelled() -> None:
+    observed: list[tuple[str, str]] = []
+
+    async def watch(request: Any, context: Any) -> AsyncIterator[Any]:
+        while True:
+            yield "alert"
+
+    handle = _streaming(watch, _allow, _timed("WatchAlerts", lambda m, c, s: observed.append((m, c))))
+
+    async def read_one_then_close() -> None:
+        stream = handle(object(), _Context(observed))  # type: ignore[arg-type]
+        assert await anext(stream) == "alert"
+        await stream.aclose()  # what grpc.aio does when the client goes away: GeneratorExit at the yield
+
+    asyncio.run(read_one_then_close())
+    assert observed == [("WatchAlerts", "CANCELLED")]
+
+
+def test_a_cancelled_unary_call_is_counted_once_as_cancelled() -> None:
+    observed: list[tuple[str, str]] = []
+
+    async def slow(request: Any, context: Any) -> Any:
+        await asyncio.sleep(60)
+
+    handle = _unary(slow, _allow, _timed("Predict", lambda m, c, s: observed.append((m, c))))
+
+    async def cancel_it() -> None:
+        task = asyncio.ensure_future(handle(object(), _Context(observed)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_it())
+    assert observed == [("Predict", "CANCELLED")]
