@@ -9,6 +9,10 @@ import pytest
 from PIL import Image
 
 from cl_service.cli import main
+from cl_service.evaluation.references import Recipe
+from cl_service.evaluation.runner import StreamSpec, evaluate_stream, load_stream
+from cl_service.evaluation.stream import StreamPlan
+from cl_service.learning.settings import ModelConfig, UpdateSettings
 from cl_service.simulate.surface import SurfaceConfig, SurfaceGenerator, encode_image
 from tests.conftest import sqlite_only
 
@@ -91,6 +95,25 @@ def test_eval_stream_runs_ours_with_and_without_unlabeled_images_beside_a_refere
     table = (out / "stream_eval.md").read_text()
     assert "| ours |" in table and "| naive |" in table
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_plans_update_seed_replaces_the_settings_seed_for_its_updates(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "images", per_class=12)
+    spec = StreamSpec(folder, (3,))
+    settings = UpdateSettings(
+        model=ModelConfig(image_size=32), epochs=1, min_steps=1, cold_start_min_accuracy=0.0, seed=0
+    )
+    stream = load_stream(spec, settings)
+    plans = [("ours", StreamPlan(1.0)), ("ours_seed1", StreamPlan(1.0, update_seed=1))]
+    evaluation = evaluate_stream(
+        stream, spec, settings=settings, plans=plans, references=[], recipe=Recipe(), work_dir=tmp_path / "work"
+    )
+    seeds = {}
+    for name, _ in plans:
+        version = evaluation.result(name).details[0]["version"]
+        report = json.loads((tmp_path / "work" / name / "models" / version / "report.json").read_text())
+        seeds[name] = report["settings"]["seed"]
+    assert seeds == {"ours": 0, "ours_seed1": 1}
 
 
 def test_eval_stream_refuses_step_sizes_that_do_not_cover_the_classes(
