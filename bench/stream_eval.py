@@ -7,7 +7,8 @@ default gate (2 points) would have said of each update is recorded beside them:
 1. xsdd, all labels, 3 class-incremental steps (3/2/2 classes): ours with a replay budget of 10 images per class,
    and the references naive, cumulative, joint, Avalanche Replay and DER (memory 200). Ours runs with update seeds
    0..N-1 (`--seeds`, 3 by default: the head's init, sampling and augmentation move its final accuracy by a few
-   points); xsdd_full_final_acc and xsdd_full_forgetting are the means, each seed's figures are beside them.
+   points); xsdd_full_final_acc and xsdd_full_forgetting are the means, each seed's figures are beside them
+   (seed 0's keyed xsdd_full_ours_*, seed K's xsdd_full_ours_seedK_*).
 2. xsdd, 10% of the labels per class, the rest streamed unlabeled through the teacher; and the same loop sent the
    10% labels alone (what the pseudo-labels add).
 3. Update time against stored history: one update of the last step's images on a store holding the earlier steps'

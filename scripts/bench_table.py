@@ -48,18 +48,14 @@ STREAMS = (
 
 
 def _expanded(r: dict[str, Any], prefix: str, strategies: tuple[str, ...]) -> list[str]:
-    """`ours_seed*` stands for every extra seed of ours the results hold, in seed order."""
-    found = {key.removeprefix(f"{prefix}_").removesuffix("_final_accuracy") for key in r}
-    out: list[str] = []
-    for strategy in strategies:
-        if strategy.endswith("*"):
-            stem = strategy[:-1]
-            out += sorted(
-                (s for s in found if s.startswith(stem) and s[len(stem) :].isdigit()), key=lambda s: int(s[len(stem) :])
-            )
-        else:
-            out.append(strategy)
-    return out
+    """`ours_seed*` stands for ours's extra seeds (1..N-1 of the stream's `seeds`; seed 0 is `ours`)."""
+    extra = [f"ours_seed{seed}" for seed in range(1, int(r.get(f"{prefix}_seeds", 1)))]
+    return [name for strategy in strategies for name in (extra if strategy == "ours_seed*" else [strategy])]
+
+
+def _shown(r: dict[str, Any], prefix: str, strategy: str) -> str:
+    """Row name: `ours` is seed 0 where the stream ran more seeds."""
+    return "ours_seed0" if strategy == "ours" and int(r.get(f"{prefix}_seeds", 1)) > 1 else strategy
 
 
 def _over_seeds(r: dict[str, Any]) -> str:
@@ -82,7 +78,7 @@ def stream_eval(r: dict[str, Any]) -> str:
             rows.append(
                 [
                     title,
-                    strategy,
+                    _shown(r, prefix, strategy),
                     f"{r[f'{key}_final_accuracy']:.1%}",
                     points(f"{key}_forgetting"),
                     points(f"{key}_backward_transfer"),
@@ -115,7 +111,7 @@ def stream_eval(r: dict[str, Any]) -> str:
         "Our updates ran with the gate open; the default gate (2 points) would have rejected "
         + ", ".join(
             f"{r.get(f'{prefix}_{strategy}_default_gate_rejections', 0)} of {len(r[f'{prefix}_steps'].split('|')) - 1}"
-            f" ({prefix} {strategy})"
+            f" ({prefix} {_shown(r, prefix, strategy)})"
             for prefix, _, strategies in STREAMS
             for strategy in _expanded(r, prefix, strategies)
             if strategy.startswith("ours") and f"{prefix}_{strategy}_final_accuracy" in r
