@@ -73,7 +73,7 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        """A shorter run (tests, a first look): fewer images, fewer training steps; about 3.5 min on 2 cores."""
+        """A shorter run (tests, a first look): fewer images, the same training settings; about 4.5 min on 2 cores."""
         return cls(
             day_one=300,
             day_one_labeled=0.7,
