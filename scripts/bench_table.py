@@ -47,19 +47,23 @@ STREAMS = (
 )
 
 
+def _seeds(r: dict[str, Any], prefix: str) -> int:
+    return int(r.get(f"{prefix}_seeds", 1))
+
+
 def _expanded(r: dict[str, Any], prefix: str, strategies: tuple[str, ...]) -> list[str]:
     """`ours_seed*` stands for ours's extra seeds (1..N-1 of the stream's `seeds`; seed 0 is `ours`)."""
-    extra = [f"ours_seed{seed}" for seed in range(1, int(r.get(f"{prefix}_seeds", 1)))]
+    extra = [f"ours_seed{seed}" for seed in range(1, _seeds(r, prefix))]
     return [name for strategy in strategies for name in (extra if strategy == "ours_seed*" else [strategy])]
 
 
 def _shown(r: dict[str, Any], prefix: str, strategy: str) -> str:
-    """Row name: `ours` is seed 0 where the stream ran more seeds."""
-    return "ours_seed0" if strategy == "ours" and int(r.get(f"{prefix}_seeds", 1)) > 1 else strategy
+    """Row name: `ours` is seed 0 where the stream ran more seeds (its results keys keep the name `ours`)."""
+    return "ours_seed0" if strategy == "ours" and _seeds(r, prefix) > 1 else strategy
 
 
 def _over_seeds(r: dict[str, Any]) -> str:
-    seeds = r.get("xsdd_full_seeds", 1)
+    seeds = _seeds(r, "xsdd_full")
     spread = f" ({r['xsdd_full_final_acc_min']:.1%}-{r['xsdd_full_final_acc_max']:.1%})" if seeds > 1 else ""
     mean = f"mean of {seeds} seeds " if seeds > 1 else ""
     return f"{mean}{r['xsdd_full_final_acc']:.1%}{spread}, forgetting {100 * r['xsdd_full_forgetting']:.1f}"
