@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.safetensors"
 EWC_STATE = "ewc.safetensors"
+CLASS_STATS = "class_stats.safetensors"
 TEACHER_STATE = "teacher.json"
 REPORT = "report.json"
 UPDATE_REQUESTER = "update"  # requested_by of an activation made by an accepted update

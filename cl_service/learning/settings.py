@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -88,6 +88,12 @@ class UpdateSettings(BaseModel):
     backbone_warmup: bool = Field(True, description="Ramp the backbone's learning rate up over the first epoch.")
     freeze_bn_statistics: bool = Field(False, description="Train with BatchNorm on its running statistics.")
     weight_aligning: bool = Field(False, description="Align new classes' head weight norms with the old (WA).")
+    classifier: Literal["trained", "lda"] = Field(
+        "trained",
+        description="'trained': the whole model learns (replay, LwF, EWC); 'lda': the pretrained backbone stays frozen "
+        "and the head is a linear discriminant from running class statistics (no image kept, nothing forgotten).",
+    )
+    lda_shrinkage: float = Field(0.1, gt=0, le=1, description="Shrinkage of the 'lda' head's shared covariance.")
     replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
     der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")
