@@ -203,6 +203,9 @@ def test_a_corrupted_onnx_file_fails_to_load_with_a_clear_error(version_dir: Pat
 def test_parity_fails_on_disagreeing_or_non_finite_logits() -> None:
     reference = np.array([[2.0, 0.0], [0.0, 2.0]], dtype=np.float32)
     assert parity("x", reference, reference + 1e-5).passed
+    large = reference * 1e3  # logits in the thousands: float32 rounding alone differs by more than 1e-3
+    assert parity("x", large, large + 5e-3).passed
+    assert not parity("x", large, large + 5e-2).passed
     swapped = parity("x", reference, reference[:, ::-1].copy())
     assert not swapped.passed and swapped.top1_agreement == 0.0 and "FAILED" in swapped.describe()
     broken = parity("x", reference, np.full_like(reference, np.nan))
