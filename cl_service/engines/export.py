@@ -118,7 +118,7 @@ class _LogitsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.model.head(self.model.backbone(images))
+        logits: torch.Tensor = self.model.head(self.model.head_features(self.model.backbone(images)))
         return logits
 
 

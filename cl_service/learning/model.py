@@ -110,7 +110,14 @@ class InspectionModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch of shape (N, 3, H, W), got {tuple(x.shape)}")
         embedding = self.backbone(x)
-        return embedding, self.head(self.dropout(embedding))
+        return embedding, self.head(self.dropout(self.head_features(embedding)))
+
+    def head_features(self, embedding: Tensor) -> Tensor:
+        """What the head reads of a pooled embedding (config.head_input)."""
+        if self.config.head_input == "sqrt_l2":
+            # pooled features of ReLU networks are >= 0; the clamp guards other backbones' negative values
+            return F.normalize(embedding.clamp_min(0.0).sqrt(), dim=1)
+        return embedding
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features_and_logits(x)[1]

@@ -24,6 +24,7 @@ class ModelConfig(BaseModel):
     tf_efficientnet_lite0), "none" (random init), or the path of a local timm checkpoint (.pth or .safetensors).
     `mean`/`std` normalise 0..1 pixels; 0.5/0.5 is what the Lite0 weights were trained with.
     `embedding_dim` is the backbone's pooled feature size; the model fills it in (None: not resolved yet).
+    `head_input` is recorded in checkpoints: a model reads its features the way its head was fitted to them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -35,6 +36,11 @@ class ModelConfig(BaseModel):
     pretrained: str = Field(PRETRAINED_LITE0, min_length=1)
     embedding_dim: int | None = Field(None, gt=0)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the embedding before the head.")
+    head_input: Literal["embedding", "sqrt_l2"] = Field(
+        "embedding",
+        description="What the head reads: the pooled embedding as it is, or its square root, L2-normalised "
+        "('sqrt_l2', which the 'lda' classifier uses: it makes the classes' feature spread rounder).",
+    )
 
     @field_validator("mean", "std")
     @classmethod
@@ -91,9 +97,10 @@ class UpdateSettings(BaseModel):
     classifier: Literal["trained", "lda"] = Field(
         "trained",
         description="'trained': the whole model learns (replay, LwF, EWC); 'lda': the pretrained backbone stays frozen "
-        "and the head is a linear discriminant from running class statistics (no image kept, nothing forgotten).",
+        "and the head is a linear discriminant from running class statistics of its features (square root, "
+        "L2-normalised: the first model gets head_input = 'sqrt_l2'); no image kept, nothing forgotten.",
     )
-    lda_shrinkage: float = Field(0.1, gt=0, le=1, description="Shrinkage of the 'lda' head's shared covariance.")
+    lda_shrinkage: float = Field(0.3, gt=0, le=1, description="Shrinkage of the 'lda' head's shared covariance.")
     replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
     der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")

@@ -171,7 +171,10 @@ def _run(
                 f"cold start needs {settings.cold_start_min_per_class} human labels in "
                 f"{settings.cold_start_min_classes} classes; training labels per class now: {have}"
             )
-        model = InspectionModel(settings.model, sorted(c for c in per_class if c), generator=generator)
+        config = settings.model
+        if settings.classifier == "lda":
+            config = config.model_copy(update={"head_input": "sqrt_l2"})
+        model = InspectionModel(config, sorted(c for c in per_class if c), generator=generator)
         stats = ClassStatistics(model.embedding_dim, model.classes) if settings.classifier == "lda" else None
         ewc = OnlineEWC(settings.ewc_lambda, settings.ewc_decay)
         thresholds = _new_thresholds(model.classes, settings)
@@ -379,7 +382,7 @@ def _fit_discriminant(
     if len(labeled.targets):
         features = torch.cat(
             [
-                model.forward_features_and_logits(images.normalise(to_unit(labeled.images[start : start + 64])))[0]
+                model.head_features(model.backbone(images.normalise(to_unit(labeled.images[start : start + 64]))))
                 for start in range(0, len(labeled.targets), 64)
             ]
         )
