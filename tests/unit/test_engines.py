@@ -53,23 +53,27 @@ def _striped_images(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return images.clip(-1, 1), labels
 
 
-@pytest.fixture(scope="module")
-def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _fitted_version(folder: Path, head_input: str = "embedding") -> Path:
     """A version whose head holds the class means of features of synthetic images (nearest-mean), so that
     its classes are separated by clear margins on them, as a trained model's are. The backbone is a small ResNet
     without pretrained weights: quick, and any timm backbone must work (Lite0's export has its own test)."""
-    folder = tmp_path_factory.mktemp("models") / "v0001"
     folder.mkdir()
     torch.manual_seed(0)
-    model = InspectionModel(ModelConfig(image_size=SIZE, backbone="resnet10t", pretrained="none"), CLASSES).eval()
+    config = ModelConfig(image_size=SIZE, backbone="resnet10t", pretrained="none", head_input=head_input)
+    model = InspectionModel(config, CLASSES).eval()
     images, labels = _striped_images(seed=10, count=64)
     with torch.no_grad():  # nearest class mean: each head row is its class's mean feature direction
-        features = model.backbone(torch.from_numpy(images))
+        features = model.head_features(model.backbone(torch.from_numpy(images)))
         means = torch.stack([features[torch.from_numpy(labels == c)].mean(0) for c in range(len(CLASSES))])
         model.head.weight.copy_(10 * torch.nn.functional.normalize(means, dim=1))
         model.head.bias.zero_()
-    save_checkpoint(folder / CHECKPOINT, model, version="v0001", parent_version=None)
+    save_checkpoint(folder / CHECKPOINT, model, version=folder.name, parent_version=None)
     return folder
+
+
+@pytest.fixture(scope="module")
+def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _fitted_version(tmp_path_factory.mktemp("models") / "v0001")
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,25 @@ def test_every_available_engine_builds_loads_and_follows_torch(
     engine.close()
     with pytest.raises(EngineError, match="not loaded"):
         engine.infer(inputs.golden)
+
+
+def test_a_head_on_square_rooted_normalised_features_exports_with_them(tmp_path: Path) -> None:
+    """head_input = 'sqrt_l2' (the 'lda' classifier's) is part of the exported graph: the engine's logits follow
+    torch's, which they could not if the engine fed the raw embedding to the head."""
+    folder = _fitted_version(tmp_path / "v0001", head_input="sqrt_l2")
+    model, _ = load_checkpoint(folder / CHECKPOINT)
+    assert model.config.head_input == "sqrt_l2"
+    golden, labels = _striped_images(seed=10, count=32)
+    reference = torch_logits(model, golden)
+    with torch.no_grad():
+        raw = model.head(model.backbone(torch.from_numpy(golden))).numpy()
+    assert np.abs(raw - reference).max() > 0.1  # the transform matters on these images
+    build_engine("onnxruntime", folder, BuildInputs(calibration=None, golden=golden, reference_logits=reference))
+    engine = open_engine("onnxruntime", folder)
+    engine.load()
+    check = parity("onnxruntime", reference, engine.infer(golden), precision="fp32")
+    assert check.passed and check.top1_agreement == 1.0, check.describe()
+    engine.close()
 
 
 def test_lite0_exports_as_one_checked_onnx_file_with_constant_paddings_a_dynamic_batch_and_the_classes(

@@ -456,3 +456,19 @@ def test_encoded_images_decode_into_the_same_batch() -> None:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "TIFF")
     assert torch.equal(preprocess_encoded([buffer.getvalue()], SMALL), batch[:1])
+
+
+def test_head_input_sqrt_l2_feeds_the_head_the_normalised_square_root_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    model = InspectionModel(SMALL.model_copy(update={"head_input": "sqrt_l2"}), ["good", "scratch"]).eval()
+    x = _batch(3)
+    with torch.no_grad():
+        embedding, logits = model.forward_features_and_logits(x)
+        expected = model.head(torch.nn.functional.normalize(embedding.clamp_min(0).sqrt(), dim=1))
+        assert torch.allclose(logits, expected) and not torch.allclose(logits, model.head(embedding))
+        assert torch.allclose(model.embed(x), torch.nn.functional.normalize(embedding, dim=1))  # the index's: raw
+    loaded, info = load_checkpoint(
+        save_checkpoint(tmp_path / "v1.safetensors", model, version="v1", parent_version=None).path
+    )
+    assert info.config.head_input == "sqrt_l2"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
