@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -49,17 +49,21 @@ Say = Callable[[str], None]
 class StreamPlan:
     """How the training images are sent: which share carries labels (drawn with `seed`), and whether the rest is
     sent at all; `update_seed`, when set, replaces the update settings' seed (the same stream learned again with
-    other draws of initialisation, sampling and augmentation)."""
+    other draws of initialisation, sampling and augmentation), and `classifier` their classifier mode (both modes
+    in one run)."""
 
     labeled_fraction: float = 1.0
     send_unlabeled: bool = True
     seed: int = 0
     camera_id: str = "eval-camera"
     update_seed: int | None = None
+    classifier: Literal["trained", "lda"] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.labeled_fraction <= 1.0:
             raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
+        if self.classifier not in (None, "trained", "lda"):
+            raise ValueError(f"classifier must be 'trained' or 'lda', got {self.classifier!r}")
 
 
 def labeled_subset(items: Sequence[Item], fraction: float, seed: int) -> set[str]:
@@ -98,6 +102,8 @@ def run_ours(
     labeled = labeled_subset(stream.split.train, plan.labeled_fraction, plan.seed)
     if plan.update_seed is not None:
         settings = settings.model_copy(update={"seed": plan.update_seed})
+    if plan.classifier is not None:
+        settings = settings.model_copy(update={"classifier": plan.classifier})
     matrix = AccuracyMatrix(len(stream.steps))
     seconds: list[float] = []
     details: list[dict[str, Any]] = []

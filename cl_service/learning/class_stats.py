@@ -17,11 +17,14 @@ Measured after the fact on the bench's splits with the pretrained tf_efficientne
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 _NEVER = -1e4  # the bias of a class without images: its output never wins
 
@@ -113,3 +116,35 @@ class ClassStatistics:
         stats.classes = list(classes)
         stats.counts, stats.sums, stats.scatter = tensors["counts"], tensors["sums"], tensors["scatter"]
         return stats
+
+
+def save_features(path: str | Path, hashes: Sequence[str], features: Tensor) -> None:
+    """Frozen-backbone features (N, dim) of images named by content hash, in one safetensors file."""
+    from safetensors.torch import save_file
+
+    if features.ndim != 2 or features.shape[0] != len(hashes):
+        raise ValueError(f"{len(hashes)} hashes but features of shape {tuple(features.shape)}")
+    tensors = {"features": features.detach().to(torch.float32).contiguous()}
+    save_file(tensors, str(path), metadata={"sha256": json.dumps(list(hashes))})
+
+
+def load_features(path: str | Path, dim: int) -> dict[str, Tensor]:
+    """What `save_features` wrote, by hash; {} when the file is missing, unreadable or of another dimension (the
+    features are then computed again: a cache, never the only copy of anything)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            hashes = json.loads((handle.metadata() or {})["sha256"])
+            features = handle.get_tensor("features")
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # noqa: BLE001 - any damage: recompute rather than fail the update
+        log.warning("ignoring the feature cache %s: %s", path, exc)
+        return {}
+    if features.shape != (len(hashes), dim):
+        log.warning(
+            "ignoring the feature cache %s: shape %s, expected (%d, %d)", path, tuple(features.shape), len(hashes), dim
+        )
+        return {}
+    return dict(zip(hashes, features, strict=True))

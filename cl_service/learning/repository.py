@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "model.safetensors"
 EWC_STATE = "ewc.safetensors"
 CLASS_STATS = "class_stats.safetensors"
+VALIDATION_FEATURES = "validation_features.safetensors"  # 'lda' mode: the frozen backbone's, by image hash
 TEACHER_STATE = "teacher.json"
 REPORT = "report.json"
 UPDATE_REQUESTER = "update"  # requested_by of an activation made by an accepted update

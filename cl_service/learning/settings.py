@@ -95,12 +95,14 @@ class UpdateSettings(BaseModel):
     freeze_bn_statistics: bool = Field(False, description="Train with BatchNorm on its running statistics.")
     weight_aligning: bool = Field(False, description="Align new classes' head weight norms with the old (WA).")
     classifier: Literal["trained", "lda"] = Field(
-        "trained",
-        description="'trained': the whole model learns (replay, LwF, EWC); 'lda': the pretrained backbone stays frozen "
-        "and the head is a linear discriminant from running class statistics of its features (square root, "
-        "L2-normalised: the first model gets head_input = 'sqrt_l2'); no image kept, nothing forgotten.",
+        "lda",
+        description="'lda': the pretrained backbone stays frozen and the head is a linear discriminant from running "
+        "class statistics of its features (square root, L2-normalised: the first model gets head_input = 'sqrt_l2'); "
+        "no image kept, nothing forgotten. 'trained': the whole model learns (replay, LwF, EWC).",
     )
-    lda_shrinkage: float = Field(0.3, gt=0, le=1, description="Shrinkage of the 'lda' head's shared covariance.")
+    lda_shrinkage: float = Field(
+        0.3, gt=0, le=1, description="Shrinkage of the 'lda' head's shared covariance towards its mean variance."
+    )
     replay_budget: int = Field(200, ge=0, description="Exemplars kept in all (the replay buffer's hard cap).")
     replay_strategy: str = Field("class_balanced_reservoir", description="Or 'herding', 'kcenter'.")
     der_alpha: float = Field(0.1, ge=0, description="Weight of matching the exemplars' stored logits (DER++).")

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import Tensor
 
-from cl_service.learning.class_stats import ClassStatistics
+from cl_service.learning.class_stats import ClassStatistics, load_features, save_features
 from cl_service.learning.data import (
     ImageTensors,
     balanced_batches,
@@ -66,11 +66,12 @@ from cl_service.learning.repository import (
     EWC_STATE,
     REPORT,
     TEACHER_STATE,
+    VALIDATION_FEATURES,
     ModelRepository,
     read_json,
     write_json,
 )
-from cl_service.learning.settings import UpdateSettings
+from cl_service.learning.settings import ModelConfig, UpdateSettings
 from replay_store.exemplars import Candidate, Exemplar, ReplayBuffer
 from replay_store.operator import anomalous_sample_ids
 from replay_store.replay_index import ReplayIndex, write_embeddings
@@ -162,6 +163,7 @@ def _run(
     by_id = {row.sample_id: row for row in snapshot.rows}
 
     teacher: InspectionModel | None = None
+    fold_all = False  # the 'lda' head folds in every human label of the store, not only the new ones
     if live_row is None:
         per_class = Counter(row.label for row in human_train)
         ready = sorted(c for c, n in per_class.items() if c and n >= settings.cold_start_min_per_class)
@@ -171,10 +173,7 @@ def _run(
                 f"cold start needs {settings.cold_start_min_per_class} human labels in "
                 f"{settings.cold_start_min_classes} classes; training labels per class now: {have}"
             )
-        config = settings.model
-        if settings.classifier == "lda":
-            config = config.model_copy(update={"head_input": "sqrt_l2"})
-        model = InspectionModel(config, sorted(c for c in per_class if c), generator=generator)
+        model = _new_model(settings.model, settings, sorted(c for c in per_class if c), generator)
         stats = ClassStatistics(model.embedding_dim, model.classes) if settings.classifier == "lda" else None
         ewc = OnlineEWC(settings.ewc_lambda, settings.ewc_decay)
         thresholds = _new_thresholds(model.classes, settings)
@@ -192,8 +191,15 @@ def _run(
             thresholds = AdaptiveThresholds.from_state(read_json(state))
         else:
             thresholds = _new_thresholds(model.classes, settings)
-        stats = _live_statistics(folder, model, settings)
         new_classes = sorted({r.label for r in human_train if r.label} - set(model.classes))
+        stats = _live_statistics(folder, model, settings)
+        if settings.classifier == "lda" and stats is None:
+            # The live version was trained (classifier = "trained" before): the discriminant head starts over on
+            # the live config's pretrained backbone from every human label in the store; the live model stays the
+            # teacher.
+            model = _new_model(model.config, settings, list(model.classes), generator)
+            stats = ClassStatistics(model.embedding_dim, model.classes)
+            fold_all = True
         model.grow(new_classes, generator)
         if stats is not None:
             stats.add_classes(new_classes)
@@ -258,7 +264,8 @@ def _run(
     lap("decode")
 
     if stats is not None:
-        _fit_discriminant(model, stats, images, labeled, settings.lda_shrinkage)
+        folded = _labeled_set(images, human_train, index_of) if fold_all else labeled
+        _fit_discriminant(model, stats, images, folded, settings.lda_shrinkage)
     else:
         _train(model, teacher, labeled, pseudo, replay, ewc, images, settings, generator, report)
     if stats is None and teacher is not None and settings.weight_aligning:
@@ -268,8 +275,21 @@ def _run(
     report("validate", 0, len(validation), {})
     y_true = [index_of[row.label] for row in validation if row.label in index_of]
     rows_val = [row for row in validation if row.label in index_of]
-    candidate_pred = _predicted(model, images, rows_val)
-    live_pred = _predicted(teacher, images, rows_val) if teacher is not None else []
+    # An 'lda' candidate is the live model with another head (unless it starts over from a trained one): the frozen
+    # backbone's features of the validation images serve both heads, and the live version's cache of them serves
+    # every image it saw already, so that the gate's cost follows the new images, not the history.
+    shared_backbone = stats is not None and teacher is not None and not fold_all
+    features_val = torch.empty((0, model.embedding_dim))
+    if stats is not None:
+        cached = load_features(folder / VALIDATION_FEATURES, model.embedding_dim) if shared_backbone else {}
+        features_val = _head_features(model, images, rows_val, cached)
+        candidate_pred = _argmax(model, features_val)
+    else:
+        candidate_pred = _predicted(model, images, rows_val)
+    if teacher is not None and shared_backbone:
+        live_pred = _argmax(teacher, features_val)
+    else:
+        live_pred = _predicted(teacher, images, rows_val) if teacher is not None else []
     candidate_metrics = evaluate(y_true, candidate_pred, classes) if rows_val else None
     live_metrics = evaluate(y_true, live_pred, classes) if rows_val and teacher is not None else None
     if candidate_metrics is not None and live_metrics is not None and teacher is not None:
@@ -324,6 +344,7 @@ def _run(
         _after_acceptance(store, model, version, folder, images, labeled, replay, new_unlabeled, ewc, settings)
         if stats is not None:
             stats.save(folder / CLASS_STATS)
+            save_features(folder / VALIDATION_FEATURES, [row.sha256 for row in rows_val], features_val)
         write_json(folder / TEACHER_STATE, thresholds.state_dict())
         lap("consolidate")
     metrics: dict[str, Any] = {
@@ -355,16 +376,22 @@ def _run(
     )
 
 
+def _new_model(
+    config: ModelConfig, settings: UpdateSettings, classes: Sequence[str], generator: torch.Generator
+) -> InspectionModel:
+    """A model of `config` (its pretrained weights); in the 'lda' mode its head reads the square-rooted, normalised
+    features."""
+    if settings.classifier == "lda":
+        config = config.model_copy(update={"head_input": "sqrt_l2"})
+    return InspectionModel(config, classes, generator=generator)
+
+
 def _live_statistics(folder: Path, model: InspectionModel, settings: UpdateSettings) -> ClassStatistics | None:
-    """The live version's class statistics in the 'lda' mode (None in the 'trained' mode)."""
-    if settings.classifier != "lda":
-        return None
+    """The live version's class statistics in the 'lda' mode; None in the 'trained' mode, or when the live version
+    has none (it was trained)."""
     path = folder / CLASS_STATS
-    if not path.exists():
-        raise UpdateSkippedError(
-            f"classifier = 'lda' needs the live version's class statistics ({path}); it was trained with "
-            "classifier = 'trained': start a new data folder, or keep classifier = 'trained'"
-        )
+    if settings.classifier != "lda" or not path.exists():
+        return None
     stats = ClassStatistics.load(path)
     if stats.classes != list(model.classes):
         raise ValueError(f"{path} holds the classes {stats.classes}, the live model {list(model.classes)}")
@@ -666,6 +693,29 @@ def _predict(model: InspectionModel, images: ImageTensors, rows: Sequence[Snapsh
 
 def _predicted(model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow]) -> list[int]:
     return _predict(model, images, rows, tta=False).argmax(dim=1).tolist() if rows else []
+
+
+@torch.no_grad()
+def _head_features(
+    model: InspectionModel, images: ImageTensors, rows: Sequence[SnapshotRow], cached: dict[str, Tensor]
+) -> Tensor:
+    """What the head reads for each row (N, dim), taken from `cached` (by content hash) where it is there."""
+    model.eval()
+    missing = [row for row in rows if row.sha256 not in cached]
+    found = dict(cached)
+    for start in range(0, len(missing), 64):
+        chunk = missing[start : start + 64]
+        features = model.head_features(model.backbone(images.normalise(to_unit(images.load(chunk)))))
+        found.update(zip((row.sha256 for row in chunk), features, strict=True))
+    if not rows:
+        return torch.empty((0, model.embedding_dim))
+    return torch.stack([found[row.sha256] for row in rows])
+
+
+@torch.no_grad()
+def _argmax(model: InspectionModel, features: Tensor) -> list[int]:
+    predicted: list[int] = model.head(features).argmax(dim=1).tolist()
+    return predicted
 
 
 def _after_acceptance(

@@ -97,23 +97,25 @@ def test_eval_stream_runs_ours_with_and_without_unlabeled_images_beside_a_refere
     assert "wrote" in capsys.readouterr().out
 
 
-def test_a_plans_update_seed_replaces_the_settings_seed_for_its_updates(tmp_path: Path) -> None:
+def test_a_plans_update_seed_and_classifier_replace_the_settings_for_its_updates(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "images", per_class=12)
     spec = StreamSpec(folder, (3,))
     settings = UpdateSettings(
         model=ModelConfig(image_size=32), epochs=1, min_steps=1, cold_start_min_accuracy=0.0, seed=0
     )
     stream = load_stream(spec, settings)
-    plans = [("ours", StreamPlan(1.0)), ("ours_seed1", StreamPlan(1.0, update_seed=1))]
+    plans = [("ours", StreamPlan(1.0)), ("ours_seed1", StreamPlan(1.0, update_seed=1, classifier="trained"))]
     evaluation = evaluate_stream(
         stream, spec, settings=settings, plans=plans, references=[], recipe=Recipe(), work_dir=tmp_path / "work"
     )
-    seeds = {}
+    used = {}
     for name, _ in plans:
         version = evaluation.result(name).details[0]["version"]
         report = json.loads((tmp_path / "work" / name / "models" / version / "report.json").read_text())
-        seeds[name] = report["settings"]["seed"]
-    assert seeds == {"ours": 0, "ours_seed1": 1}
+        used[name] = (report["settings"]["seed"], report["settings"]["classifier"])
+    assert used == {"ours": (0, "lda"), "ours_seed1": (1, "trained")}
+    with pytest.raises(ValueError, match="classifier must be"):
+        StreamPlan(1.0, classifier="linear")  # type: ignore[arg-type]
 
 
 def test_eval_stream_refuses_step_sizes_that_do_not_cover_the_classes(

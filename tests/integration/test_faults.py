@@ -377,6 +377,7 @@ def _update_config(tmp_path: Path, epochs: int) -> Path:
             "shutdown_grace_s": 2,
             "keep_versions": 5,
             "update": {
+                "classifier": "trained",  # a training that lasts `epochs`: long enough to be killed mid-way
                 "epochs": epochs,
                 "min_steps": 1,
                 "batch_size": 16,

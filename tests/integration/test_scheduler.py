@@ -99,7 +99,7 @@ def store_run(store: Store, run_id: int) -> UpdateRun:
 
 
 def test_a_worker_killed_mid_update_fails_its_run_and_leaves_the_live_model(tmp_path: Path) -> None:
-    slow = TINY_UPDATE.model_copy(update={"epochs": 200})
+    slow = TINY_UPDATE.model_copy(update={"classifier": "trained", "epochs": 200})  # killed while it trains
     settings = _settings(tmp_path / "data", update=slow)
     with server_in_thread(settings) as running:
         store = running.core.store

@@ -26,7 +26,8 @@ from tests.conftest import POSTGRES_SERVER, store_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SETTINGS = UpdateSettings(
+SETTINGS = UpdateSettings(  # the 'trained' mode: this file tests its training (tests/integration/test_update_lda.py
+    classifier="trained",  # the default 'lda' mode)
     model=ModelConfig(image_size=64),
     epochs=8,
     min_steps=1,

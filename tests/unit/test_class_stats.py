@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cl_service.learning.class_stats import ClassStatistics
+from cl_service.learning.class_stats import ClassStatistics, load_features, save_features
 
 DIM = 16
 
@@ -111,3 +111,20 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         stats.add_classes("c")
     with pytest.raises(ValueError, match="shrinkage"):
         stats.head(shrinkage=0.0)
+
+
+def test_features_save_and_load_by_hash_and_a_damaged_cache_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    features = torch.randn(3, 4)
+    path = tmp_path / "features.safetensors"
+    save_features(path, ["a", "b", "c"], features)
+    loaded = load_features(path, 4)
+    assert list(loaded) == ["a", "b", "c"] and torch.equal(torch.stack(list(loaded.values())), features)
+    assert load_features(tmp_path / "missing.safetensors", 4) == {}
+    assert load_features(path, 5) == {}  # another backbone's dimension
+    path.write_bytes(path.read_bytes()[:40])
+    assert load_features(path, 4) == {}
+    assert "ignoring the feature cache" in caplog.text
+    with pytest.raises(ValueError, match="2 hashes but features of shape"):
+        save_features(path, ["a", "b"], features)

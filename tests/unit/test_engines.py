@@ -135,7 +135,7 @@ def test_a_head_on_square_rooted_normalised_features_exports_with_them(tmp_path:
     folder = _fitted_version(tmp_path / "v0001", head_input="sqrt_l2")
     model, _ = load_checkpoint(folder / CHECKPOINT)
     assert model.config.head_input == "sqrt_l2"
-    golden, labels = _striped_images(seed=10, count=32)
+    golden, _ = _striped_images(seed=10, count=32)
     reference = torch_logits(model, golden)
     with torch.no_grad():
         raw = model.head(model.backbone(torch.from_numpy(golden))).numpy()

@@ -53,7 +53,9 @@ def test_an_update_on_a_few_new_labels_still_takes_min_steps_steps() -> None:
 
     model.forward_features_and_logits = recording  # type: ignore[method-assign]
     steps: list[int] = []
-    settings = UpdateSettings(model=CONFIG, epochs=2, min_steps=7, batch_size=12, lwf_weight=0.0, threads=1)
+    settings = UpdateSettings(
+        classifier="trained", model=CONFIG, epochs=2, min_steps=7, batch_size=12, lwf_weight=0.0, threads=1
+    )
     labeled, replay = _set([2] * 12), _set([0] * 6 + [1] * 6)
     _train(
         model,
