@@ -405,15 +405,8 @@ def _fit_discriminant(
     """Fold the new human labels' features (the frozen backbone's, unaugmented) into the statistics and write the
     discriminant head they give into the model's head. Validation images are never folded in (they are not in
     `labeled`); pseudo-labels are not either: folded step by step on xsdd with 10% labels they made it worse."""
-    model.eval()
     if len(labeled.targets):
-        features = torch.cat(
-            [
-                model.head_features(model.backbone(images.normalise(to_unit(labeled.images[start : start + 64]))))
-                for start in range(0, len(labeled.targets), 64)
-            ]
-        )
-        stats.fold(features, labeled.targets)
+        stats.fold(_head_features(model, images, labeled.rows, {}), labeled.targets)
     weight, bias = stats.head(shrinkage)
     model.head.weight.copy_(weight)
     model.head.bias.copy_(bias)
