@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=Path, help="a folder with one sub-folder per class, instead of synthetic")
     demo.add_argument("--new-class", help="with --images: the class that appears later (default: the last one)")
     demo.add_argument(
-        "--quick", action="store_true", help="fewer images, the same training settings (about 4.5 min on 2 cores)"
+        "--quick", action="store_true", help="fewer images, the same training settings (about 2 min on 2 cores)"
     )
 
     report = commands.add_parser("report", help="write a model version's HTML report (default: the live version)")

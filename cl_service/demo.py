@@ -63,7 +63,8 @@ class DemoPlan:
     more_labels: int = 40
     attempts: int = 2
     side: int = 128  # camera image side (synthetic images)
-    # batches of 16 (of each kind) and 80 steps keep an update near a minute and a half on 2 cores
+    # classifier = "trained": batches of 16 (of each kind) and 80 steps keep an update near a minute and a half on
+    # 2 cores (the default "lda" trains nothing)
     update: UpdateSettings = field(
         default_factory=lambda: UpdateSettings(model=ModelConfig(image_size=96), batch_size=16, min_steps=80, threads=2)
     )
@@ -73,7 +74,7 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        """A shorter run (tests, a first look): fewer images, the same training settings; about 4.5 min on 2 cores."""
+        """A shorter run (tests, a first look): fewer images, the same training settings; about 2 min on 2 cores."""
         return cls(
             day_one=300,
             day_one_labeled=0.7,
